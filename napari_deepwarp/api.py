@@ -19,6 +19,14 @@ def _volume(value: PathOrVolume | None, labels: bool = False) -> Volume | None:
     return read_volume(value, labels=labels)
 
 
+def _points(value):
+    if value is None or not isinstance(value, str | os.PathLike):
+        return value
+    from napari_deepwarp.core.io import read_landmarks
+
+    return read_landmarks(value)
+
+
 def load_model(name_or_checkpoint: str, device: str = "cpu") -> RegistrationModel:
     """A registered architecture by name (untrained), or a network from a checkpoint file."""
     if str(name_or_checkpoint).endswith(".pt") or os.path.exists(name_or_checkpoint):
@@ -36,6 +44,8 @@ def register(
     moving_labels: PathOrVolume | None = None,
     finetune_steps: int = 0,
     refine_steps: int = 0,
+    fixed_landmarks=None,
+    moving_landmarks=None,
     progress: Callable[[Progress], None] | None = None,
     **settings,
 ):
@@ -43,6 +53,8 @@ def register(
 
     ``model``: a registry name, ``"affine"``, a checkpoint path, or a model instance.
     ``finetune_steps`` / ``refine_steps``: network fine-tuning / field refinement (0: off).
+    ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, (x, y, z) mm, or
+    landmark files (CSV, Slicer .fcsv): TRE is reported.
     ``settings``: fields of :class:`~core.pipeline.RegistrationSettings` (device, affine, ...).
     ``progress``: called with every :class:`Progress` event.
     """
@@ -72,6 +84,8 @@ def register(
         network,
         _volume(fixed_labels, True),
         _volume(moving_labels, True),
+        _points(fixed_landmarks),
+        _points(moving_landmarks),
     )
     try:
         while True:

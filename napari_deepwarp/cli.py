@@ -72,6 +72,19 @@ def _add_register(sub) -> None:
     _add_method_options(p)
     p.add_argument("--fixed-labels", help="label map on the fixed image (for Dice)")
     p.add_argument("--moving-labels", help="label map on the moving image (propagated)")
+    p.add_argument(
+        "--landmarks",
+        nargs=2,
+        metavar=("FIXED_POINTS", "MOVING_POINTS"),
+        help="corresponding landmarks (CSV of x,y,z mm LPS, or Slicer .fcsv): TRE is reported, "
+        "and --finetune/--refine are pulled towards them (see --landmarks-weight)",
+    )
+    p.add_argument(
+        "--landmarks-weight",
+        type=float,
+        default=0.1,
+        help="weight of the landmark distance term (per mm) in --finetune/--refine; 0: report only",
+    )
     p.set_defaults(func=cmd_register)
 
 
@@ -110,6 +123,13 @@ def _add_method_options(p) -> None:
         type=float,
         default=1.0,
         help="weight of the diffusion regulariser when --similarity is given",
+    )
+    p.add_argument(
+        "--labels-weight",
+        type=float,
+        default=0.0,
+        help="supervise --finetune/--refine with the label maps: weight of a soft Dice term "
+        "(needs --fixed-labels and --moving-labels)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=0)
@@ -165,6 +185,24 @@ def _settings_and_model(args):
         finetune.learning_rate = args.lr
     finetune.similarity, finetune.reg_weight = args.similarity, args.reg_weight
     spacing = args.working_spacing or (card or {}).get("working_spacing_mm")
+    refine = RefineSettings(steps=max(0, args.refine))
+    landmarks_weight = (
+        getattr(args, "landmarks_weight", 0.0) if getattr(args, "landmarks", None) else 0.0
+    )
+    for tuning in (finetune, refine):
+        tuning.labels_weight, tuning.landmarks_weight = args.labels_weight, landmarks_weight
+    if args.labels_weight > 0 and not (
+        getattr(args, "fixed_labels", None) and getattr(args, "moving_labels", None)
+    ):
+        raise InputError(
+            "--labels-weight needs label maps on both sides; add --fixed-labels and "
+            "--moving-labels, or drop --labels-weight"
+        )
+    if (args.labels_weight > 0 or landmarks_weight > 0) and finetune.steps == refine.steps == 0:
+        raise InputError(
+            "--labels-weight / --landmarks supervise fine-tuning or refinement; add "
+            "--refine STEPS or --finetune STEPS (or --landmarks-weight 0 to only report TRE)"
+        )
     settings = RegistrationSettings(
         model=name,
         affine=not args.no_affine,
@@ -174,7 +212,7 @@ def _settings_and_model(args):
         working_spacing=spacing,
         max_size=args.max_size,
         finetune=finetune,
-        refine=RefineSettings(steps=max(0, args.refine)),
+        refine=refine,
     )
     if (
         name != AFFINE_ONLY
@@ -193,7 +231,7 @@ def _settings_and_model(args):
 
 
 def cmd_register(args) -> int:
-    from napari_deepwarp.core.io import read_volume
+    from napari_deepwarp.core.io import read_landmarks, read_volume
     from napari_deepwarp.core.pipeline import register, write_result
 
     settings, model = _settings_and_model(args)
@@ -201,8 +239,9 @@ def cmd_register(args) -> int:
     moving = read_volume(args.moving)
     fixed_labels = read_volume(args.fixed_labels, labels=True) if args.fixed_labels else None
     moving_labels = read_volume(args.moving_labels, labels=True) if args.moving_labels else None
+    points = [read_landmarks(path) for path in args.landmarks] if args.landmarks else [None, None]
     result = drain(
-        register(fixed, moving, settings, model, fixed_labels, moving_labels), args.quiet
+        register(fixed, moving, settings, model, fixed_labels, moving_labels, *points), args.quiet
     )
     written = write_result(result, args.output)
     if not args.quiet:
@@ -215,6 +254,9 @@ def _summary(metrics: dict, written) -> None:
     for stage in ("before", "affine", "after"):
         if metrics.get(f"mean_dice_{stage}") is not None:
             parts.append(f"Dice {stage} {metrics[f'mean_dice_{stage}']:.3f}")
+    for stage in ("before", "affine", "after"):
+        if metrics.get(f"tre_{stage}_mm") is not None:
+            parts.append(f"TRE {stage} {metrics[f'tre_{stage}_mm']:.2f} mm")
     parts.append(f"{metrics['seconds']['total']:.1f} s on {metrics['device']}")
     print("; ".join(parts))
     print("wrote " + ", ".join(str(p) for p in written))

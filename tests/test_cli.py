@@ -282,3 +282,22 @@ def test_register_with_field_refinement(pair):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["refine_steps"] == 6 and metrics["seconds"]["refine"] > 0
+
+
+def test_supervision_options(pair, capsys):
+    """--labels-weight and --landmarks reach the run; misuse is refused with the fix."""
+    d, f, m = pair
+    base = ["register", str(f), str(m), "--max-size", "24", "--device", "cpu", "-q"]
+    labels = ["--fixed-labels", str(d / "fixed_labels.nii.gz")]
+    labels += ["--moving-labels", str(d / "moving_labels.nrrd")]
+    assert main([*base, "-o", str(d / "a"), "--labels-weight", "1", "--refine", "4"]) == 2
+    assert "--fixed-labels and --moving-labels" in capsys.readouterr().err
+    assert main([*base, "-o", str(d / "b"), *labels, "--labels-weight", "1"]) == 2
+    assert "--refine STEPS" in capsys.readouterr().err
+    points = d / "points.csv"
+    points.write_text("x,y,z\n10,12,14\n20,15,16\n")
+    run = [*base, "-o", str(d / "c"), *labels, "--labels-weight", "1", "--refine", "4"]
+    assert main([*run, "--landmarks", str(points), str(points)]) == 0
+    metrics = json.loads((d / "c" / "metrics.json").read_text())
+    assert metrics["tre_before_mm"] == 0.0 and metrics["tre_after_mm"] >= 0.0
+    assert metrics["refine_steps"] == 4

@@ -312,6 +312,47 @@ def read_card(path: PathLike) -> dict[str, Any]:
     return _check_card(payload["card"], str(path))
 
 
+def shipped_checkpoints(folder: PathLike | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, card)`` of every checkpoint in ``folder`` (default: the shipped
+    ``resources/checkpoints``), sorted by architecture then file name.
+
+    A file whose card cannot be read is left out with a warning, so one bad file never hides
+    the others.
+    """
+    if folder is None:
+        from napari_deepwarp.resources import checkpoints_dir
+
+        folder = checkpoints_dir()
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        try:
+            found.append((path, read_card(path)))
+        except (CheckpointError, OSError, RuntimeError) as exc:
+            warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+    return sorted(found, key=lambda item: (item[1]["architecture"], item[0].name))
+
+
+def default_checkpoint(
+    architecture: str | None = None, folder: PathLike | None = None
+) -> Path | None:
+    """The shipped checkpoint to use when the user names none.
+
+    With ``architecture``: its checkpoint whose card says ``"default": true``, else its first.
+    Without: the card marked default across all architectures (the best measured one), else
+    None. None also when nothing is shipped.
+    """
+    candidates = [
+        (path, card)
+        for path, card in shipped_checkpoints(folder)
+        if architecture is None or card["architecture"] == architecture
+    ]
+    for path, card in candidates:
+        if card.get("default"):
+            return path
+    return candidates[0][0] if candidates and architecture is not None else None
+
+
 def _config_summary(cls: type[RegistrationModel], config: Any) -> str:
     """The config fields that differ from the architecture's defaults, as ``a=1, b=(2, 3)``.
 
@@ -456,11 +497,13 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "CheckpointError",
+    "default_checkpoint",
     "file_sha256",
     "load_checkpoint",
     "make_card",
     "parent_reference",
     "read_card",
     "save_checkpoint",
+    "shipped_checkpoints",
     "software_versions",
 ]

@@ -23,6 +23,7 @@ from napari_deepwarp.core import losses
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import RegistrationModel, RegistrationOutput
 from napari_deepwarp.core.progress import Plateau, Progress
+from napari_deepwarp.core.supervision import Supervision
 
 
 @dataclass
@@ -30,7 +31,8 @@ class FinetuneSettings:
     """steps: Adam steps in all; learning_rate: Adam's; similarity: None for the model's own loss,
     else a name from :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``; reg_weight: weight
     of ``regulariser`` on the displacement when ``similarity`` is set; level_sigmas: Gaussian
-    sigmas (working voxels) of the levels before the final, unsmoothed one."""
+    sigmas (working voxels) of the levels before the final, unsmoothed one; labels_weight /
+    landmarks_weight: weights of the supervision terms of :mod:`supervision` (0: off)."""
 
     steps: int = 100
     learning_rate: float = 1e-3
@@ -39,6 +41,8 @@ class FinetuneSettings:
     regulariser: str = "diffusion"
     reg_weight: float = 1.0
     level_sigmas: tuple[float, ...] = (2.0,)
+    labels_weight: float = 0.0
+    landmarks_weight: float = 0.0
     patience: int = 40
     min_delta: float = 1e-3
     preview_every: int = 10
@@ -84,8 +88,11 @@ def finetune_network(
     moving: torch.Tensor,
     fixed: torch.Tensor,
     settings: FinetuneSettings | None = None,
+    supervision: Supervision | None = None,
 ) -> Generator[Progress, None, FinetuneResult]:
     """Optimise a deep copy of ``model`` on one pair ``(1, 1, D, H, W)`` on the working grid.
+
+    ``supervision``: label maps and/or landmarks on the same grid, weighted by the settings.
 
     Yields :class:`Progress` after every step (``preview`` holds the current field every
     ``preview_every`` steps); returns a :class:`FinetuneResult`. Closing the generator cancels.
@@ -112,6 +119,11 @@ def finetune_network(
             optimiser.zero_grad(set_to_none=True)
             output = tuned(mov, fix)
             loss, _terms = objective(output, mov, fix)
+            if supervision is not None:
+                extra, _ = supervision.loss(
+                    output.displacement, settings.labels_weight, settings.landmarks_weight
+                )
+                loss = loss + extra
             loss.backward()
             optimiser.step()
             step += 1

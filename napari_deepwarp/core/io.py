@@ -240,3 +240,51 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
     img = read_image(path)
     sitk_to_field(img)  # validates that it is a vector field
     return sitk.DisplacementFieldTransform(sitk.Cast(img, sitk.sitkVectorFloat64))
+
+
+def read_landmarks(path: str | os.PathLike) -> np.ndarray:
+    """Points ``(N, 3)`` in physical (x, y, z) mm, LPS, from a CSV file or a 3D Slicer ``.fcsv``.
+
+    CSV: one point per row; with a header, the columns named ``x``, ``y``, ``z`` are used (LPS,
+    as ANTs and ITK write point sets), else the first three columns. ``.fcsv`` (Slicer markups):
+    columns 2-4 of the non-comment rows, converted from RAS to LPS unless the header says
+    ``CoordinateSystem = LPS``.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such landmark file")
+    text = path.read_text(errors="replace").splitlines()
+    slicer = path.suffix.lower() == ".fcsv"
+    ras = slicer and not any("CoordinateSystem" in ln and "LPS" in ln for ln in text)
+    rows = [r for r in csv.reader(ln for ln in text if ln.strip() and not ln.startswith("#"))]
+    columns = slice(1, 4) if slicer else slice(0, 3)
+    if rows and not slicer and not _numeric(rows[0][:3]):
+        header = [c.strip().lower() for c in rows[0]]
+        if all(k in header for k in "xyz"):
+            columns = [header.index(k) for k in "xyz"]
+        rows = rows[1:]
+    try:
+        if isinstance(columns, slice):
+            points = np.array([[float(v) for v in r[columns]] for r in rows], dtype=np.float64)
+        else:
+            points = np.array([[float(r[i]) for i in columns] for r in rows], dtype=np.float64)
+    except (ValueError, IndexError):
+        raise InputError(
+            f"{path}: cannot read the landmarks; give one point per row as x,y,z in mm "
+            "(a CSV, optionally with an x,y,z header) or a 3D Slicer .fcsv file"
+        ) from None
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise InputError(f"{path}: no landmarks found; give one x,y,z point per row")
+    if ras:
+        points[:, :2] *= -1.0
+    return points
+
+
+def _numeric(values) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return len(values) == 3

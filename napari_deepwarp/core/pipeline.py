@@ -35,7 +35,8 @@ from napari_deepwarp.core.preprocess import (
 )
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.refine import RefineSettings, refine_field
-from napari_deepwarp.core.spatial import identity_grid, jacobian_determinant, sample
+from napari_deepwarp.core.spatial import identity_grid, jacobian_determinant, sample, warp
+from napari_deepwarp.core.supervision import check_landmarks, supervision_on_grid
 from napari_deepwarp.core.volume import Grid, Volume
 
 AFFINE_ONLY = "affine"
@@ -176,10 +177,17 @@ def register(
     model: RegistrationModel | None = None,
     fixed_labels: Volume | None = None,
     moving_labels: Volume | None = None,
+    fixed_landmarks=None,
+    moving_landmarks=None,
 ) -> Generator[Progress, None, RegistrationResult]:
     """Register ``moving`` to ``fixed``; yields :class:`Progress`, returns a result.
 
     ``model``: a loaded network (e.g. from a checkpoint); None builds ``settings.model`` untrained.
+    ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, physical
+    (x, y, z) mm; they give the TRE metrics and, with a weight, supervise fine-tuning/refinement
+    (as label maps do with ``labels_weight``). While fine-tuning or refining, every few steps an
+    event's ``preview`` holds ``"warped"``: the moving image (intensity-normalised) warped by the
+    current field, a :class:`Volume` on the working grid.
     Closing the generator cancels at the next step; nothing is changed on the inputs.
     """
     settings = settings or RegistrationSettings()
@@ -192,6 +200,8 @@ def register(
     if moving_labels is not None:
         check_labels_match(moving_labels, moving, "moving")
     check_overlap(fixed, moving)
+    if fixed_landmarks is not None or moving_landmarks is not None:
+        fixed_landmarks, moving_landmarks = check_landmarks(fixed_landmarks, moving_landmarks)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     deformable = settings.model != AFFINE_ONLY
@@ -231,14 +241,23 @@ def register(
             field_w = model(mov_t, fix_t).displacement
         seconds["predict"] = time.perf_counter() - t
         yield Progress(1, 1, "predicted the deformation", stage="predict")
+        supervision = None
+        if _supervised(settings):
+            supervision = supervision_on_grid(
+                grid, affine, device, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks
+            )
         if settings.finetune.steps > 0:
             t = time.perf_counter()
-            tuned = yield from finetune_network(model, mov_t, fix_t, settings.finetune)
+            tuned = yield from _with_preview(
+                finetune_network(model, mov_t, fix_t, settings.finetune, supervision), mov_t, grid
+            )
             field_w, model = tuned.displacement, tuned.model
             seconds["finetune"] = time.perf_counter() - t
         if settings.refine.steps > 0:
             t = time.perf_counter()
-            refined = yield from refine_field(mov_t, fix_t, field_w, settings.refine)
+            refined = yield from _with_preview(
+                refine_field(mov_t, fix_t, field_w, settings.refine, supervision), mov_t, grid
+            )
             field_w = refined.displacement
             seconds["refine"] = time.perf_counter() - t
 
@@ -291,6 +310,15 @@ def register(
             metrics[f"mean_dice_{name}"] = _mean(per_label, "dice")
             metrics[f"mean_jaccard_{name}"] = _mean(per_label, "jaccard")
             metrics[f"labels_{name}"] = {str(k): v for k, v in per_label.items()}
+    if fixed_landmarks is not None:
+        stages = {"before": None, "after": (affine, grid, field_w)}
+        if affine is not None and deformable:
+            stages["affine"] = (affine, None, None)
+        for name, mapping in stages.items():
+            mapped = fixed_landmarks if mapping is None else map_points(fixed_landmarks, *mapping)
+            tre = M.tre_mm(mapped, moving_landmarks)
+            metrics[f"tre_{name}_mm"] = tre["mean"]
+            metrics[f"tre_{name}"] = tre
     seconds["metrics"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     metrics["seconds"] = seconds
@@ -309,6 +337,56 @@ def register(
         working_field=field_w,
         model=model,
     )
+
+
+def _supervised(settings: RegistrationSettings) -> bool:
+    tune, refine = settings.finetune, settings.refine
+    return (tune.steps > 0 and (tune.labels_weight > 0 or tune.landmarks_weight > 0)) or (
+        refine.steps > 0 and (refine.labels_weight > 0 or refine.landmarks_weight > 0)
+    )
+
+
+def _with_preview(steps: Generator, moving_w: torch.Tensor, grid: Grid) -> Generator:
+    """Pass ``steps``' events on, adding ``preview["warped"]`` where they carry a field."""
+    try:
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if event.preview and "displacement" in event.preview:
+                with torch.no_grad():
+                    warped = warp(moving_w, event.preview["displacement"].to(moving_w.dtype))
+                event.preview["warped"] = Volume.on_grid(
+                    warped[0, 0].cpu().numpy(), grid, "preview"
+                )
+            yield event
+    finally:
+        steps.close()
+
+
+def map_points(
+    points_xyz: np.ndarray,
+    affine: sitk.AffineTransform | None,
+    working: Grid | None,
+    working_field: torch.Tensor | None,
+) -> np.ndarray:
+    """The registration's map ``y = A(x + d(x))`` at fixed points ``(N, 3)`` (x, y, z) mm.
+
+    ``d`` is sampled from the working-grid field as :func:`physical_map` does (trilinear,
+    clamped at the border), so a point gets the same image as the voxel it sits on.
+    """
+    points = np.asarray(points_xyz, dtype=np.float64)
+    moved = points
+    if working_field is not None:
+        m = working.world_to_index_matrix()
+        q = torch.as_tensor(points @ m[:3, :3].T + m[:3, 3], dtype=torch.float32)
+        q = q.to(working_field.device).T.reshape(1, 3, -1, 1, 1)
+        u = sample(working_field.float(), q, mode="linear", padding="border")
+        u = u.reshape(3, -1).T.double().cpu().numpy()
+        moved = points + u @ working.index_to_world_matrix()[:3, :3].T
+    a = _matrix(affine)
+    return moved @ a[:3, :3].T + a[:3, 3]
 
 
 def _mean(per_label: dict, key: str) -> float | None:

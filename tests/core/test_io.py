@@ -188,3 +188,26 @@ def test_working_grid_covers_the_foreground_and_pads():
     assert (idx >= -1e-6).all() and (idx <= np.array(grid.shape) - 1 + 1e-6).all()
     auto = working_grid(fixed, max_size=32, multiple=8)
     assert max(auto.shape) <= 40 and isinstance(auto, Grid)
+
+
+def test_landmarks_from_csv_with_and_without_header_and_from_slicer(tmp_path):
+    from napari_deepwarp.core.io import InputError, read_landmarks
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text("1.5,2,3\n-4,5,6.25\n")
+    named = tmp_path / "named.csv"
+    named.write_text("label,z,y,x\na,3,2,1.5\nb,6.25,5,-4\n")
+    expected = np.array([[1.5, 2, 3], [-4, 5, 6.25]])
+    assert np.array_equal(read_landmarks(plain), expected)
+    assert np.array_equal(read_landmarks(named), expected)
+    slicer = tmp_path / "points.fcsv"
+    slicer.write_text(
+        "# Markups fiducial file version = 4.11\n# CoordinateSystem = 0\n"
+        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+        "vtkMRMLMarkupsFiducialNode_0,-1.5,-2,3,0,0,0,1,1,1,0,F-1,,\n"
+    )
+    assert np.array_equal(read_landmarks(slicer), [[1.5, 2.0, 3.0]])  # RAS -> LPS
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y,z\n1,two,3\n")
+    with pytest.raises(InputError, match="x,y,z"):
+        read_landmarks(bad)
