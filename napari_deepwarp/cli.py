@@ -85,6 +85,12 @@ def _add_register(sub) -> None:
         default=0.1,
         help="weight of the landmark distance term (per mm) in --finetune/--refine; 0: report only",
     )
+    p.add_argument(
+        "--save-finetuned",
+        metavar="CKPT",
+        help="with --finetune: save the tuned network as a checkpoint whose card names its "
+        "parent and this pair",
+    )
     p.set_defaults(func=cmd_register)
 
 
@@ -93,9 +99,13 @@ def _add_method_options(p) -> None:
         "--model",
         default=None,
         help="registry name (see `deepwarp models`) or 'affine' for the affine stage "
-        "alone; default: the checkpoint's architecture, else voxelmorph",
+        "alone; default: the checkpoint's architecture, else the best shipped model",
     )
-    p.add_argument("--checkpoint", help="checkpoint file (.pt) with a model card")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint file (.pt) with a model card; default: the model's shipped checkpoint; "
+        "'none': the untrained network",
+    )
     p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     p.add_argument(
         "--finetune",
@@ -149,8 +159,9 @@ def _add_method_options(p) -> None:
     p.add_argument(
         "--max-size",
         type=int,
-        default=96,
-        help="largest working-grid side when the spacing is chosen automatically",
+        default=None,
+        help="largest working-grid side when the spacing is chosen automatically (default: the "
+        "checkpoint's training size, or 96 with --refine or without a checkpoint)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -158,7 +169,7 @@ def _add_method_options(p) -> None:
 def _settings_and_model(args):
     import torch
 
-    from napari_deepwarp.core.checkpoint import load_checkpoint
+    from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint
     from napari_deepwarp.core.finetune import FinetuneSettings
     from napari_deepwarp.core.io import InputError
     from napari_deepwarp.core.models.registry import available_models
@@ -166,13 +177,17 @@ def _settings_and_model(args):
     from napari_deepwarp.core.refine import RefineSettings
 
     model, card = None, None
-    if args.checkpoint:
-        model, card = load_checkpoint(args.checkpoint, device="cpu")
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.model != AFFINE_ONLY:
+        checkpoint = default_checkpoint(args.model)  # the best shipped one without --model
+    if checkpoint and checkpoint != "none":
+        model, card = load_checkpoint(checkpoint, device="cpu")
         if args.model and args.model != card["architecture"]:
             raise InputError(
-                f"{args.checkpoint}: checkpoint holds a {card['architecture']!r} model but "
+                f"{checkpoint}: checkpoint holds a {card['architecture']!r} model but "
                 f"--model {args.model} was given; drop --model or give a matching checkpoint"
             )
+    args.resolved_checkpoint = checkpoint if card else None
     name = args.model or (card["architecture"] if card else "voxelmorph")
     if name != AFFINE_ONLY and name not in available_models():
         raise InputError(
@@ -210,7 +225,7 @@ def _settings_and_model(args):
         seed=args.seed,
         modality=args.modality,
         working_spacing=spacing,
-        max_size=args.max_size,
+        max_size=_max_size(args, card),
         finetune=finetune,
         refine=refine,
     )
@@ -230,11 +245,25 @@ def _settings_and_model(args):
     return settings, model
 
 
+def _max_size(args, card: dict | None) -> int:
+    """--max-size, else the checkpoint's training size (the resolution it learnt), else 96;
+    field refinement gains from a finer grid, so with --refine at least 96."""
+    if args.max_size:
+        return args.max_size
+    shape = (card or {}).get("working_shape")
+    trained = max(shape) if isinstance(shape, list) else shape
+    if trained is None or args.refine > 0:
+        return max(96, trained or 0)
+    return int(trained)
+
+
 def cmd_register(args) -> int:
-    from napari_deepwarp.core.io import read_landmarks, read_volume
+    from napari_deepwarp.core.io import InputError, read_landmarks, read_volume
     from napari_deepwarp.core.pipeline import register, write_result
 
     settings, model = _settings_and_model(args)
+    if args.save_finetuned and settings.finetune.steps == 0:
+        raise InputError("--save-finetuned needs --finetune STEPS (there is nothing tuned to save)")
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     fixed_labels = read_volume(args.fixed_labels, labels=True) if args.fixed_labels else None
@@ -244,9 +273,42 @@ def cmd_register(args) -> int:
         register(fixed, moving, settings, model, fixed_labels, moving_labels, *points), args.quiet
     )
     written = write_result(result, args.output)
+    if args.save_finetuned:
+        written.append(_save_finetuned(args, result))
     if not args.quiet:
         _summary(result.metrics, written)
     return 0
+
+
+def _save_finetuned(args, result):
+    """Write the fine-tuned copy with a card: its parent, the pair, the steps and the time."""
+    from napari_deepwarp.core.checkpoint import make_card, parent_reference, save_checkpoint
+    from napari_deepwarp.core.train import hardware
+
+    parent = args.resolved_checkpoint
+    metrics = result.metrics
+    grid = result.working_grid
+    card = make_card(
+        result.model,
+        working_spacing_mm=None if grid is None else float(grid.spacing[0]),
+        working_shape=None if grid is None else list(grid.shape),
+        intensity_preset=args.modality,
+        modality=None,
+        training={
+            "data": "instance optimisation on one pair (see tuned_on)",
+            "steps": metrics["finetune_steps"],
+            "command": "deepwarp " + " ".join(args.argv),
+            "hardware": hardware(result.working_field.device),
+            "duration_s": round(metrics["seconds"].get("finetune", 0.0), 1),
+        },
+        metrics={k: metrics[k] for k in ("mean_dice_after", "folding_percent") if k in metrics},
+        parent=parent_reference(parent) if parent else None,
+        tuned_on={
+            "fixed": str(Path(args.fixed).resolve()),
+            "moving": str(Path(args.moving).resolve()),
+        },
+    )
+    return save_checkpoint(args.save_finetuned, result.model, card)
 
 
 def _summary(metrics: dict, written) -> None:
@@ -309,22 +371,188 @@ def _add_models(sub) -> None:
 
 
 def cmd_models(args) -> int:
+    from napari_deepwarp.core.checkpoint import shipped_checkpoints
     from napari_deepwarp.core.models.registry import available_models
-    from napari_deepwarp.resources import checkpoints_dir
 
+    shipped = shipped_checkpoints()
     print("affine        the affine pre-alignment alone (rigid then affine, Mattes MI)")
-    shipped = sorted(checkpoints_dir().glob("*.pt")) if checkpoints_dir().is_dir() else []
     for name, cls in available_models().items():
         doc = (cls.description or (cls.__doc__ or "").strip().splitlines()[0]).strip()
         print(f"{name:<13} {doc}")
-        for ckpt in shipped:
-            from napari_deepwarp.core.checkpoint import read_card
+        mine = [(path, card) for path, card in shipped if card["architecture"] == name]
+        if not mine:
+            print(f"{'':<16}no shipped checkpoint (runs untrained; use --refine or train one)")
+        for path, card in mine:
+            print(f"{'':<16}{_card_summary(path, card)}")
+    return 0
 
-            card = read_card(ckpt)
-            if card.get("architecture") == name:
-                print(
-                    f"{'':<13}   checkpoint {ckpt.name}: {card.get('training', {}).get('data', '')}"
-                )
+
+def _card_summary(path, card: dict) -> str:
+    """One line for a checkpoint: file, default mark, data, steps, size, hardware, Dice."""
+    training, metrics = card.get("training") or {}, card.get("metrics") or {}
+    parts = [path.name + (" (default)" if card.get("default") else "")]
+    if training.get("data"):
+        parts.append(str(training["data"]))
+    if training.get("steps") is not None:
+        parts.append(f"{training['steps']} steps")
+    if card.get("working_shape"):
+        parts.append("shape " + "x".join(str(n) for n in card["working_shape"]))
+    if training.get("duration_s") is not None:
+        parts.append(f"{training['duration_s'] / 60:.0f} min on {training.get('hardware')}")
+    for key, label in (
+        ("validation_mean_dice", "validation Dice"),
+        ("mindboggle_mean_dice", "Mindboggle Dice"),
+    ):
+        if metrics.get(key) is not None:
+            parts.append(f"{label} {metrics[key]:.3f}")
+    return "; ".join(parts)
+
+
+# --- train ------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a network (synthetic pairs or your volumes) into a checkpoint with a card",
+        description="Train with the model's own loss and Adam; under torchrun, data-parallel.",
+    )
+    p.add_argument("--model", default="voxelmorph", help="registry name (see `deepwarp models`)")
+    p.add_argument(
+        "--data",
+        default="synth",
+        help="'synth' (random label maps and contrasts), a folder of volumes (label maps named "
+        "NAME_labels.nii.gz beside NAME_t1.nii.gz), or a CSV: image[,labels] or "
+        "fixed,moving[,fixed_labels,moving_labels]",
+    )
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps in all")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[64, 64, 64],
+        metavar=("D", "H", "W"),
+        help="training grid (z, y, x)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per step and process")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument(
+        "--similarity",
+        choices=["ncc", "lncc", "ncc_ssd", "mi", "mse"],
+        help="replace the model's own loss by this similarity + --reg-weight x diffusion",
+    )
+    p.add_argument("--reg-weight", type=float, default=1.0)
+    p.add_argument(
+        "--labels-weight",
+        type=float,
+        default=0.0,
+        help="add a soft Dice term on the pairs' label maps (synthetic pairs always have them)",
+    )
+    p.add_argument(
+        "--contrast",
+        choices=["same", "independent"],
+        default="same",
+        help="synthetic pairs: one contrast on both sides (same-modality losses) or independent "
+        "contrasts (multi-modal losses such as MI)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override (VALUE as JSON, e.g. reg_weight=2 or channels=[8,16])",
+    )
+    p.add_argument("--init", help="start from this checkpoint instead of random weights")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="K")
+    p.add_argument("--validate-every", type=int, default=100, metavar="K")
+    p.add_argument(
+        "--validation",
+        help="CSV or folder of labelled volumes for validation Dice (default: synthetic pairs)",
+    )
+    p.add_argument("--log", help="JSON-lines log (default: OUTPUT with .log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT's saved state")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        help="stop and save after this many minutes (the card records the steps run)",
+    )
+    p.add_argument("--cache", help="folder for preprocessed real pairs (default: beside OUTPUT)")
+    p.add_argument("--working-spacing", type=float, help="mm per training voxel, for the card")
+    p.add_argument("--name", help="short name for the card")
+    p.add_argument("--description", help="one line for the card")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _config_overrides(items: list[str]) -> dict:
+    import json
+
+    from napari_deepwarp.core.io import InputError
+
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--config {item!r}: write KEY=VALUE, e.g. reg_weight=2")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+def cmd_train(args) -> int:
+    import shlex
+
+    import torch
+
+    from napari_deepwarp.core.train import TrainSettings, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    settings = TrainSettings(
+        model=args.model,
+        output=args.output,
+        config=_config_overrides(args.config),
+        init=args.init,
+        data=args.data,
+        shape=tuple(args.shape),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        similarity=args.similarity,
+        reg_weight=args.reg_weight,
+        labels_weight=args.labels_weight,
+        contrast=args.contrast,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        validation=args.validation,
+        log=args.log,
+        resume=args.resume,
+        time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
+        seed=args.seed,
+        device=device,
+        cache=args.cache,
+        command="deepwarp " + shlex.join(argv),
+        working_spacing_mm=args.working_spacing,
+        name=args.name,
+        description=args.description,
+    )
+    result = drain(train(settings), args.quiet or int(os.environ.get("RANK", "0")) > 0)
+    if result.checkpoint is not None and not args.quiet:
+        dice = (
+            f"; validation Dice {result.val_dice_before:.3f} -> {result.val_dice:.3f}"
+            if result.val_dice is not None
+            else ""
+        )
+        print(f"wrote {result.checkpoint} after {result.steps} steps, {result.seconds:.0f} s{dice}")
     return 0
 
 
@@ -405,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_warp(sub)
     _add_models(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
@@ -412,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from napari_deepwarp.core.io import InputError
 
     try:

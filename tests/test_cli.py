@@ -301,3 +301,49 @@ def test_supervision_options(pair, capsys):
     metrics = json.loads((d / "c" / "metrics.json").read_text())
     assert metrics["tre_before_mm"] == 0.0 and metrics["tre_after_mm"] >= 0.0
     assert metrics["refine_steps"] == 4
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A checkpoints folder with one voxelmorph checkpoint marked default."""
+    from napari_deepwarp import resources
+    from napari_deepwarp.core.checkpoint import make_card, save_checkpoint
+    from napari_deepwarp.core.models.registry import create_model
+
+    folder = tmp_path / "shipped"
+    model = create_model("voxelmorph")
+    card = make_card(
+        model,
+        working_shape=[32, 32, 32],
+        training={"data": "synthetic pairs", "steps": 7, "duration_s": 60.0, "hardware": "CPU"},
+        metrics={"validation_mean_dice": 0.5},
+        default=True,
+    )
+    save_checkpoint(folder / "vm_test.pt", model, card)
+    monkeypatch.setattr(resources, "checkpoints_dir", lambda: folder)
+    return folder / "vm_test.pt"
+
+
+def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, capsys):
+    from napari_deepwarp.core.checkpoint import read_card
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "vm_test.pt (default); synthetic pairs; 7 steps; shape 32x32x32" in out
+    assert "validation Dice 0.500" in out and "no shipped checkpoint" in out  # other models
+    d, f, m = pair
+    assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
+    metrics = json.loads((d / "o" / "metrics.json").read_text())
+    assert metrics["model"] == "voxelmorph"
+    assert max(metrics["working_grid"]["shape_zyx"]) == 32  # the checkpoint's training size
+    tuned = d / "tuned.pt"
+    args = ["register", str(f), str(m), "-o", str(d / "t"), "--finetune", "2", "-q"]
+    assert main([*args, "--device", "cpu", "--save-finetuned", str(tuned)]) == 0
+    card = read_card(tuned)
+    assert card["parent"]["name"] == "vm_test.pt" and card["training"]["steps"] == 2
+    assert card["tuned_on"]["moving"].endswith("moving.mha")
+    assert main([*args, "--save-finetuned", str(tuned), "--finetune", "0"]) == 2
+    assert "--save-finetuned needs --finetune" in capsys.readouterr().err
+    none = ["register", str(f), str(m), "-o", str(d / "n"), "--checkpoint", "none", "-q"]
+    assert main([*none, "--device", "cpu"]) == 0
+    assert max(json.loads((d / "n" / "metrics.json").read_text())["working_grid"]["shape_zyx"]) > 32

@@ -39,6 +39,9 @@ class SynthSettings:
     translation: float = 4.0
     displacement: float = 4.0  # largest smooth displacement
     field_grid: int = 5  # control points per axis of the smooth displacement
+    # True: both sides share the per-label intensities (one contrast, as for a same-modality
+    # loss such as NCC); bias, blur, noise and gamma stay independent
+    same_contrast: bool = False
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -87,13 +90,23 @@ def random_deformation(s: SynthSettings, batch: int, g: torch.Generator, device)
     return spatial.compose(smooth, affine)
 
 
-def labels_to_image(labels: torch.Tensor, s: SynthSettings, g: torch.Generator) -> torch.Tensor:
-    """A random-contrast image ``(B, 1, D, H, W)`` in [0, 1] for each label map of the batch."""
+def labels_to_image(
+    labels: torch.Tensor,
+    s: SynthSettings,
+    g: torch.Generator,
+    intensities: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A random-contrast image ``(B, 1, D, H, W)`` in [0, 1] for each label map of the batch.
+
+    ``intensities``: per batch item, the intensity of each label (drawn here if None).
+    """
     device = labels.device
     images = []
-    for lab in labels:
+    for i, lab in enumerate(labels):
         n = int(lab.max()) + 1
-        intensity = torch.rand(n, generator=g, device=device)
+        intensity = (
+            torch.rand(n, generator=g, device=device) if intensities is None else intensities[i]
+        )
         image = intensity[lab][None]  # (1, 1, D, H, W)
         bias = _smooth_noise(1, 1, 4, s.shape, g, device) * s.bias
         image = image * torch.exp(bias)
@@ -114,7 +127,8 @@ def synthetic_pair(
     """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``.
 
     Both label maps are the same random anatomy under two independent random transforms;
-    each image has its own random contrast. Deterministic for a given ``seed``.
+    each image has its own random contrast (or, with ``s.same_contrast``, both share the
+    per-label intensities). Deterministic for a given ``seed``.
     """
     s = s or SynthSettings()
     g = torch.Generator(device=device)
@@ -124,9 +138,13 @@ def synthetic_pair(
         spatial.warp(anatomy, random_deformation(s, batch, g, device), mode="nearest").long()
         for _ in range(2)
     ]
+    shared = None
+    if s.same_contrast:
+        n = int(anatomy.max()) + 1
+        shared = [torch.rand(n, generator=g, device=device) for _ in range(batch)]
     return {
-        "moving": labels_to_image(labels[0], s, g),
-        "fixed": labels_to_image(labels[1], s, g),
+        "moving": labels_to_image(labels[0], s, g, shared),
+        "fixed": labels_to_image(labels[1], s, g, shared),
         "moving_labels": labels[0],
         "fixed_labels": labels[1],
     }

@@ -1,5 +1,6 @@
 """Synthetic training pairs: shapes, ranges, randomness under control, the same anatomy."""
 
+import numpy as np
 import torch
 from conftest import mean_dice
 
@@ -62,3 +63,21 @@ def test_both_sides_show_the_same_anatomy_with_different_contrast():
         for k in p["moving_labels"].unique()[:8]
     ]
     assert any(abs(m - f) > 0.1 for m, f in per_label)  # independent contrasts
+
+
+def test_same_contrast_shares_the_label_intensities():
+    s = SynthSettings(shape=(32, 32, 32), same_contrast=True, bias=0.0, noise=(0.0, 0.0))
+    s.gamma, s.blur = 0.0, (0.0, 0.0)
+    p = synthetic_pair(s, seed=5)
+    labels = p["moving_labels"].unique()
+    means = [
+        (
+            float(p["moving"][p["moving_labels"] == k].mean()),
+            float(p["fixed"][p["fixed_labels"] == k].mean()),
+        )
+        for k in labels
+        if (p["fixed_labels"] == k).any()
+    ]
+    # one contrast up to the min-max normalisation of each side: a linear map between them
+    m, f = np.array(means).T
+    assert np.corrcoef(m, f)[0, 1] > 0.999

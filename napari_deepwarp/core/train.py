@@ -1,0 +1,413 @@
+"""Training: the model's own loss (its paper's), Adam, checkpoints, exact resume, validation.
+
+:func:`train` is a generator like the rest of the core: it yields :class:`Progress` after every
+step (``loss`` = running mean) and returns a :class:`TrainResult`. What it writes:
+
+- ``output`` (``.pt``): the network with its model card, every ``checkpoint_every`` steps and at
+  the end (atomic). The card records the data, steps, exact command, hardware and duration, and
+  the latest validation Dice.
+- ``output.with_suffix(".state.pt")``: everything for an exact resume (weights, Adam state, step,
+  random states, elapsed time), written with the checkpoint. Batches depend only on
+  ``(seed, step, rank)`` (:mod:`datasets`) and the torch random state is saved, so
+  ``resume=True`` continues bit for bit.
+- ``log`` (JSON lines, default ``output.with_suffix(".log.jsonl")``): one line per ``log_every``
+  steps with the loss and its terms, and one per validation with ``val_dice``. On resume, lines
+  after the resumed step are dropped so that the log reads as one run.
+
+Distributed: started under ``torchrun`` (``WORLD_SIZE`` > 1), each process trains a
+``DistributedDataParallel`` replica on its own batches (gloo on CPU, nccl on CUDA, one GPU per
+local rank); rank 0 validates and writes. The effective batch is ``batch_size * world_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_deepwarp.core import losses
+from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
+from napari_deepwarp.core.datasets import (
+    SynthSource,
+    VolumeSource,
+    mean_dice,
+    validation_pairs,
+)
+from napari_deepwarp.core.io import InputError
+from napari_deepwarp.core.models.registry import RegistrationModel, create_model
+from napari_deepwarp.core.progress import Progress
+from napari_deepwarp.core.spatial import warp
+from napari_deepwarp.core.synth import SynthSettings
+
+
+@dataclass
+class TrainSettings:
+    """model: registry name, with ``config`` overrides; init: a checkpoint to start from instead.
+    data: ``"synth"``, a folder of volumes or a CSV (see :mod:`datasets`); shape: training grid
+    (z, y, x); similarity: None for the model's own loss, else a name of
+    :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
+    Dice term on the pairs' label maps (as SynthMorph does; 0: off); contrast: synthetic pairs
+    with the ``"same"`` per-label intensities on both sides (for same-modality losses) or
+    ``"independent"`` ones (for multi-modal losses such as MI); validation: None for
+    synthetic labelled pairs, else a CSV/folder of labelled volumes; cache: folder for
+    preprocessed real pairs (default: next to ``output``); time_limit_s: stop (and save) after the
+    first step past this many seconds of this run, so a training fits a time budget."""
+
+    model: str = "voxelmorph"
+    output: str | Path = "model.pt"
+    config: dict = field(default_factory=dict)
+    init: str | Path | None = None
+    data: str = "synth"
+    shape: tuple[int, int, int] = (64, 64, 64)
+    steps: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    similarity: str | None = None
+    reg_weight: float = 1.0
+    labels_weight: float = 0.0
+    contrast: str = "same"
+    checkpoint_every: int = 100
+    validate_every: int = 100
+    validation: str | Path | None = None
+    validation_count: int = 4
+    log: str | Path | None = None
+    log_every: int = 10
+    resume: bool = False
+    time_limit_s: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    cache: str | Path | None = None
+    command: str | None = None
+    modality: str = "any (trained on random contrasts)"
+    intensity_preset: str = "auto"
+    working_spacing_mm: float | None = None
+    name: str | None = None
+    description: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """The trained network (unwrapped), the steps run in all, the last validation Dice."""
+
+    model: RegistrationModel
+    steps: int
+    val_dice: float | None
+    val_dice_before: float | None
+    seconds: float
+    checkpoint: Path | None
+
+
+def state_path(output: str | Path) -> Path:
+    return Path(output).with_suffix(".state.pt")
+
+
+def log_path(settings: TrainSettings) -> Path:
+    return Path(settings.log) if settings.log else Path(settings.output).with_suffix(".log.jsonl")
+
+
+def hardware(device: torch.device) -> str:
+    """The machine in words: CPU model and threads, or the GPU's name."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+class _Distributed:
+    """Rank, world size and device; sets up the process group under torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA GPU is available here; use --device cpu")
+        self.device = torch.device(f"cuda:{local}" if device == "cuda" else device)
+        if device == "cuda":
+            torch.cuda.set_device(self.device)
+        self.started = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+            self.started = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
+def _objective(model: RegistrationModel, settings: TrainSettings):
+    """``loss(output, batch) -> (total, terms)``: the model's own loss or the override, plus
+    the optional label term."""
+    if settings.similarity is None:
+        image_loss = model.loss
+    else:
+        similarity = losses.similarity_loss(settings.similarity)
+
+        def image_loss(output, moving, fixed):
+            sim = similarity(warp(moving, output.displacement), fixed)
+            reg = losses.diffusion_loss(output.displacement)
+            total = sim + settings.reg_weight * reg
+            terms = {"similarity": float(sim.detach()), "regularisation": float(reg.detach())}
+            return total, terms
+
+    def loss(output, batch):
+        total, terms = image_loss(output, batch["moving"], batch["fixed"])
+        if settings.labels_weight > 0 and "fixed_labels" in batch:
+            term = _labels_term(output.displacement, batch["moving_labels"], batch["fixed_labels"])
+            total = total + settings.labels_weight * term
+            terms = {**terms, "labels": float(term.detach())}
+        return total, terms
+
+    return loss
+
+
+def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: torch.Tensor):
+    """``1 - mean soft Dice`` of the one-hot moving labels warped by ``u`` and the fixed ones."""
+    n = int(max(moving_labels.max(), fixed_labels.max())) + 1
+
+    def onehot(labels):
+        return torch.nn.functional.one_hot(labels[:, 0], n).permute(0, 4, 1, 2, 3).float()
+
+    return losses.soft_dice_loss(warp(onehot(moving_labels), u), onehot(fixed_labels))
+
+
+def _source(settings: TrainSettings):
+    if settings.data == "synth":
+        synth = SynthSettings(
+            shape=tuple(settings.shape), same_contrast=settings.contrast == "same"
+        )
+        return SynthSource(synth, settings.seed)
+    return VolumeSource(settings.data, tuple(settings.shape), _cache(settings), settings.seed)
+
+
+def _cache(settings: TrainSettings) -> Path:
+    return Path(settings.cache) if settings.cache else Path(settings.output).parent / "cache"
+
+
+def _out_of_time(settings: TrainSettings, t0: float, dist: _Distributed) -> bool:
+    """Whether the time budget is spent; under torchrun, rank 0 decides for all."""
+    if settings.time_limit_s is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t0 > settings.time_limit_s)])
+    if dist.world > 1:
+        flag = flag.to(dist.device)
+        torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
+
+
+def validate(model: RegistrationModel, pairs: list[dict], device) -> tuple[float, float]:
+    """Mean Dice after and before registration over labelled pairs on the training grid."""
+    after, before = [], []
+    model.eval()
+    with torch.no_grad():
+        for pair in pairs:
+            moving, fixed = pair["moving"].to(device), pair["fixed"].to(device)
+            u = model(moving, fixed).displacement
+            labels = pair["moving_labels"].to(device).float()
+            warped = warp(labels, u, mode="nearest").long()
+            after.append(mean_dice(pair["fixed_labels"], warped))
+            before.append(mean_dice(pair["fixed_labels"], pair["moving_labels"]))
+    model.train()
+    return float(np.nanmean(after)), float(np.nanmean(before))
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the log lines of steps up to ``last_step`` (the resumed point)."""
+    if not path.exists():
+        return
+    kept = [
+        ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step
+    ]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
+    if settings.init:
+        model, card = load_checkpoint(settings.init)
+        return model.train(), card
+    try:
+        return create_model(settings.model, **settings.config).train(), None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"--model {settings.model}: {exc}") from None
+
+
+def train(settings: TrainSettings) -> Generator[Progress, None, TrainResult]:
+    """Train (or resume training) a network; see the module docstring for what is written."""
+    dist = _Distributed(settings.device)
+    try:
+        return (yield from _train(settings, dist))
+    finally:
+        dist.close()
+
+
+def _train(settings: TrainSettings, dist: _Distributed):
+    torch.manual_seed(settings.seed)
+    output = Path(settings.output)
+    model, parent_card = _build(settings)
+    model.to(dist.device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    start, elapsed = 0, 0.0
+    val_dice = val_before = None
+    if settings.resume and state_path(output).exists():
+        state = torch.load(state_path(output), map_location=dist.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        torch.set_rng_state(state["rng"].cpu())
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+        val_dice, val_before = state.get("val_dice"), state.get("val_dice_before")
+    elif settings.resume:
+        raise InputError(f"--resume: {state_path(output)} does not exist; start without --resume")
+    if start >= settings.steps:
+        raise InputError(f"{output}: already trained for {start} steps; ask for more with --steps")
+    source = _source(settings)
+    objective = _objective(model, settings)
+    net = model
+    if dist.world > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    val_pairs, val_description = ([], "")
+    if dist.main:
+        synth = SynthSettings(
+            shape=tuple(settings.shape), same_contrast=settings.contrast == "same"
+        )
+        val_pairs, val_description = validation_pairs(
+            settings.validation,
+            tuple(settings.shape),
+            _cache(settings),
+            synth,
+            count=settings.validation_count,
+        )
+        if settings.resume:
+            _trim_log(log_path(settings), start)
+        elif log_path(settings).exists():
+            log_path(settings).unlink()
+    log = open(log_path(settings), "a") if dist.main else None  # noqa: SIM115
+    running, t0 = None, time.perf_counter()
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            batch = source.batch(step, dist.rank, settings.batch_size, dist.device)
+            optimiser.zero_grad(set_to_none=True)
+            output_ = net(batch["moving"], batch["fixed"])
+            loss, terms = objective(output_, batch)
+            loss.backward()
+            optimiser.step()
+            value = float(loss.detach())
+            out_of_time = _out_of_time(settings, t0, dist)
+            last = step == settings.steps or out_of_time
+            running = value if running is None else 0.95 * running + 0.05 * value
+            now = elapsed + time.perf_counter() - t0
+            if log and (step % settings.log_every == 0 or last):
+                log.write(json.dumps({"step": step, "loss": value, **terms, "seconds": now}) + "\n")
+                log.flush()
+            if dist.main and (step % settings.validate_every == 0 or last):
+                val_dice, val_before = validate(model, val_pairs, dist.device)
+                record = {"step": step, "val_dice": val_dice, "val_dice_before": val_before}
+                log.write(json.dumps({**record, "seconds": now}) + "\n")
+                log.flush()
+            if dist.main and (step % settings.checkpoint_every == 0 or last):
+                card = _card(
+                    settings,
+                    model,
+                    source,
+                    step,
+                    now,
+                    dist,
+                    val_description,
+                    val_dice,
+                    val_before,
+                    parent_card,
+                )
+                save_checkpoint(output, model, card)
+                state = {
+                    "model": model.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": step,
+                    "elapsed": now,
+                    "val_dice": val_dice,
+                    "val_dice_before": val_before,
+                }
+                tmp = state_path(output).with_suffix(".tmp")
+                torch.save(state, tmp)
+                tmp.replace(state_path(output))
+            yield Progress(step, settings.steps, "training", stage="train", loss=running)
+            if out_of_time:
+                break
+    finally:
+        if log:
+            log.close()
+    dist.barrier()
+    seconds = elapsed + time.perf_counter() - t0
+    return TrainResult(model, step, val_dice, val_before, seconds, output if dist.main else None)
+
+
+def _card(
+    settings, model, source, step, seconds, dist, val_description, val_dice, val_before, parent_card
+) -> dict:
+    metrics = {}
+    if val_dice is not None:
+        metrics = {
+            "validation": val_description,
+            "validation_mean_dice": round(val_dice, 4),
+            "validation_mean_dice_before": round(val_before, 4),
+            "validation_step": step,
+        }
+    world = f" x {dist.world} processes" if dist.world > 1 else ""
+    fields = {
+        "working_spacing_mm": settings.working_spacing_mm,
+        "working_shape": list(settings.shape),
+        "intensity_preset": settings.intensity_preset,
+        "modality": settings.modality,
+        "training": {
+            "data": source.description,
+            "steps": step,
+            "batch_size": settings.batch_size * dist.world,
+            "learning_rate": settings.learning_rate,
+            "command": settings.command,
+            "hardware": hardware(dist.device) + world,
+            "duration_s": round(seconds, 1),
+        },
+        "metrics": metrics,
+    }
+    if settings.similarity is not None:
+        fields["loss"] = {
+            "similarity": {"name": settings.similarity},
+            "regulariser": {"name": "diffusion", "on": "displacement"},
+            "weights": {"similarity": 1.0, "regularisation": settings.reg_weight},
+        }
+    if settings.labels_weight > 0:
+        describe = getattr(model, "loss_description", None)
+        base = fields.get("loss") or (describe() if callable(describe) else {})
+        fields["loss"] = {**base, "labels": {"name": "soft_dice", "weight": settings.labels_weight}}
+    if settings.data == "synth":
+        fields["training"]["synthetic_contrast"] = settings.contrast
+    if settings.name:
+        fields["name"] = settings.name
+    if settings.description:
+        fields["description"] = settings.description
+    if parent_card is not None and settings.init:
+        from napari_deepwarp.core.checkpoint import parent_reference
+
+        fields["parent"] = parent_reference(settings.init)
+    return make_card(model, **fields)

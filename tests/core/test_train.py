@@ -1,0 +1,190 @@
+"""Training: exact resume, the log and the card, real-volume datasets with a cache, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from napari_deepwarp.core import datasets
+from napari_deepwarp.core.checkpoint import load_checkpoint, read_card
+from napari_deepwarp.core.io import InputError
+from napari_deepwarp.core.train import TrainSettings, state_path, train
+
+
+def drain(gen):
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        return events, stop.value
+
+
+def settings(tmp_path, name="vm.pt", **kw):
+    base = {
+        "model": "voxelmorph",
+        "output": tmp_path / name,
+        "shape": (32, 32, 32),
+        "steps": 4,
+        "learning_rate": 1e-3,
+        "checkpoint_every": 2,
+        "validate_every": 2,
+        "validation_count": 1,
+        "log_every": 1,
+        "command": "deepwarp train (test)",
+    }
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_resume_continues_exactly(tmp_path, one_thread):
+    _, straight = drain(train(settings(tmp_path, "a.pt")))
+    drain(train(settings(tmp_path, "b.pt", steps=2)))
+    events, resumed = drain(train(settings(tmp_path, "b.pt", resume=True)))
+    assert [e.step for e in events] == [3, 4]
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+    log = [json.loads(ln) for ln in (tmp_path / "b.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "val_dice" in r] == [2, 4]
+
+
+def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
+    drain(train(settings(tmp_path, steps=2)))
+    card = read_card(tmp_path / "vm.pt")
+    assert card["architecture"] == "voxelmorph" and card["working_shape"] == [32, 32, 32]
+    training = card["training"]
+    assert training["steps"] == 2 and training["command"] == "deepwarp train (test)"
+    assert "CPU" in training["hardware"] and training["duration_s"] > 0
+    assert "synthetic" in training["data"]
+    assert 0 <= card["metrics"]["validation_mean_dice"] <= 1
+    model, _ = load_checkpoint(tmp_path / "vm.pt")
+    assert model.name == "voxelmorph"
+    assert state_path(tmp_path / "vm.pt").exists()
+    with pytest.raises(InputError, match="already trained for 2 steps"):
+        drain(train(settings(tmp_path, steps=2, resume=True)))
+
+
+def test_training_lowers_the_loss(tmp_path, one_thread):
+    events, _ = drain(train(settings(tmp_path, steps=40, checkpoint_every=40, validate_every=40)))
+    log = [json.loads(ln) for ln in (tmp_path / "vm.log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.01
+    assert events[-1].stage == "train" and events[-1].loss is not None
+
+
+def write_volume(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture
+def volume_folder(tmp_path):
+    """Three labelled ellipsoid phantoms, shifted a little, named like Mindboggle's files."""
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    z, y, x = np.meshgrid(*[np.arange(28)] * 3, indexing="ij")
+    for i in range(3):
+        c = 14 + i
+        ball = ((z - c) / 8.0) ** 2 + ((y - 14) / 6.0) ** 2 + ((x - 13) / 9.0) ** 2 < 1
+        core = ((z - c) / 4.0) ** 2 + ((y - 14) / 3.0) ** 2 + ((x - 13) / 4.0) ** 2 < 1
+        labels = ball.astype(np.uint8) + core
+        image = (labels * 40.0 + 10.0).astype(np.float32)
+        write_volume(folder / f"sub{i}_t1.nii.gz", image, origin=(i * 0.5, 0.0, 0.0))
+        write_volume(folder / f"sub{i}_labels.nii.gz", labels, origin=(i * 0.5, 0.0, 0.0))
+    return folder
+
+
+def test_folder_dataset_pairs_images_with_labels_and_caches(volume_folder, tmp_path, monkeypatch):
+    entries = datasets.scan_folder(volume_folder)
+    assert [(e.image.name, e.labels.name) for e in entries] == [
+        (f"sub{i}_t1.nii.gz", f"sub{i}_labels.nii.gz") for i in range(3)
+    ]
+    source = datasets.VolumeSource(volume_folder, (16, 16, 16), tmp_path / "cache")
+    batch = source.batch(step=1, rank=0, size=2, device="cpu")
+    assert (
+        batch["fixed"].shape == (2, 1, 16, 16, 16) and batch["moving_labels"].dtype == torch.int64
+    )
+    assert 0.0 <= float(batch["fixed"].min()) and float(batch["fixed"].max()) <= 1.0
+    cached = sorted((tmp_path / "cache").glob("*.npz"))
+    assert cached
+    calls = []
+    monkeypatch.setattr(datasets, "run_affine", lambda *a, **k: calls.append(1))
+    again = source.batch(step=1, rank=0, size=2, device="cpu")
+    assert not calls and torch.equal(again["fixed"], batch["fixed"])  # from the cache
+    # each process (rank) draws its own pairs
+    draws = {r: [source.pair_indices(step, r, 2) for step in range(1, 6)] for r in (0, 1)}
+    assert draws[0] != draws[1]
+
+
+def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one_thread):
+    csv_path = tmp_path / "pairs.csv"
+    rows = ["fixed,moving,fixed_labels,moving_labels"]
+    rows += [
+        f"volumes/sub{i}_t1.nii.gz,volumes/sub{j}_t1.nii.gz,volumes/sub{i}_labels.nii.gz,"
+        f"volumes/sub{j}_labels.nii.gz"
+        for i, j in ((0, 1), (1, 2))
+    ]
+    csv_path.write_text("\n".join(rows) + "\n")
+    s = settings(tmp_path, data=str(csv_path), validation=str(csv_path), steps=2)
+    _, result = drain(train(s))
+    card = read_card(tmp_path / "vm.pt")
+    assert "pairs.csv" in card["training"]["data"] and "pairs.csv" in card["metrics"]["validation"]
+    assert result.val_dice_before > 0.5  # same anatomy, affinely aligned
+
+
+def test_bad_data_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="training needs two"):
+        datasets.VolumeSource(tmp_path / "empty", (16, 16, 16), tmp_path / "c")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path\nx.nii.gz\n")
+    with pytest.raises(InputError, match="unknown columns"):
+        datasets.VolumeSource(bad, (16, 16, 16), tmp_path / "c")
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    """DistributedDataParallel with gloo: two CPU processes, rank 0 writes one checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "napari_deepwarp.cli",
+        "train",
+        "--steps",
+        "2",
+        "--shape",
+        "32",
+        "32",
+        "32",
+        "-o",
+        str(out),
+        "--checkpoint-every",
+        "2",
+        "--validate-every",
+        "2",
+        "-q",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    card = read_card(out)
+    assert "x 2 processes" in card["training"]["hardware"]
+    assert card["training"]["batch_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.log.jsonl", "ddp.pt", "ddp.state.pt"]
