@@ -39,7 +39,7 @@ def load_model(name_or_checkpoint: str, device: str = "cpu") -> RegistrationMode
 def register(
     fixed: PathOrVolume,
     moving: PathOrVolume,
-    model: str | RegistrationModel = "voxelmorph",
+    model: str | RegistrationModel | None = None,
     fixed_labels: PathOrVolume | None = None,
     moving_labels: PathOrVolume | None = None,
     finetune_steps: int = 0,
@@ -51,26 +51,35 @@ def register(
 ):
     """Register ``moving`` onto ``fixed``; returns a :class:`~core.pipeline.RegistrationResult`.
 
-    ``model``: a registry name, ``"affine"``, a checkpoint path, or a model instance.
+    ``model``: a registry name (with its shipped checkpoint where there is one, else
+    untrained), ``"affine"``, a checkpoint path, a model instance, or None for the best shipped
+    checkpoint (as ``deepwarp register`` does; the working grid then defaults to the checkpoint's
+    training size unless refining).
     ``finetune_steps`` / ``refine_steps``: network fine-tuning / field refinement (0: off).
     ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, (x, y, z) mm, or
     landmark files (CSV, Slicer .fcsv): TRE is reported.
     ``settings``: fields of :class:`~core.pipeline.RegistrationSettings` (device, affine, ...).
     ``progress``: called with every :class:`Progress` event.
     """
+    from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint
     from napari_deepwarp.core.finetune import FinetuneSettings
     from napari_deepwarp.core.pipeline import RegistrationSettings
     from napari_deepwarp.core.pipeline import register as run
     from napari_deepwarp.core.refine import RefineSettings
 
-    network = None
+    network, card = None, None
     if isinstance(model, RegistrationModel):
         network, name = model, model.name
-    elif str(model).endswith(".pt"):
-        network = load_model(model)
-        name = network.name
     else:
-        name = model
+        path = model if model and str(model).endswith(".pt") else None
+        if path is None and model != "affine":
+            path = default_checkpoint(model)
+        if path is not None:
+            network, card = load_checkpoint(path)
+        name = network.name if network is not None else (model or "voxelmorph")
+    shape = (card or {}).get("working_shape")
+    if shape and refine_steps == 0:
+        settings.setdefault("max_size", max(shape) if isinstance(shape, list) else int(shape))
     config = RegistrationSettings(
         model=name,
         finetune=FinetuneSettings(steps=finetune_steps),

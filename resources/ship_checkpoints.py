@@ -1,0 +1,69 @@
+"""Copy trained checkpoints into resources/checkpoints with what was measured in their cards.
+
+    python resources/ship_checkpoints.py --trained bench_out/train \
+        --benchmark bench_out/checkpoints_mindboggle.json
+
+Each ``*.pt`` written by ``deepwarp train`` in ``--trained`` is loaded (weights only, card
+checked), its card gains the Mindboggle figures of the benchmark (inference Dice and folding,
+with field refinement, the command that measured them), and the checkpoint with the best
+inference Dice is marked ``"default": true``: the one ``deepwarp register`` uses when no model is
+named. The training command, hardware and duration in the card are left as training wrote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
+
+HERE = Path(__file__).resolve().parent
+LIMIT_MB = 50.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trained", default="bench_out/train", help="folder of trained .pt")
+    parser.add_argument("--benchmark", help="JSON of benchmarks.checkpoints_mindboggle")
+    parser.add_argument("--out", default=str(HERE / "checkpoints"))
+    args = parser.parse_args()
+    measured = {}
+    command = None
+    if args.benchmark:
+        report = json.loads(Path(args.benchmark).read_text())
+        command = report["command"]
+        measured = {
+            Path(e["path"]).name: e["results"] for e in report["checkpoints"] if "path" in e
+        }
+    trained = sorted(p for p in Path(args.trained).glob("*.pt") if not p.name.endswith(".state.pt"))
+    best = max(
+        (p for p in trained if p.name in measured),
+        key=lambda p: measured[p.name]["inference"]["dice"],
+        default=None,
+    )
+    out = Path(args.out)
+    for path in trained:
+        model, card = load_checkpoint(path)
+        results = measured.get(path.name, {})
+        metrics = dict(card["metrics"])
+        for variant, key in (("inference", ""), ("refine", "_refine")):
+            if variant in results:
+                r = results[variant]
+                metrics[f"mindboggle_mean_dice{key}"] = round(r["dice"], 4)
+                metrics[f"mindboggle_folding_percent{key}"] = round(r["folding_percent"], 4)
+                metrics[f"mindboggle_seconds{key}"] = round(r["wall_s"], 1)
+                metrics["mindboggle_pairs"] = r["pairs"]
+        if command:
+            metrics["mindboggle_command"] = command
+        card = {**card, "metrics": metrics, "default": path == best}
+        save_checkpoint(out / path.name, model, card)
+        print(f"{out / path.name}: default={path == best} {metrics.get('mindboggle_mean_dice')}")
+    total = sum(p.stat().st_size for p in out.glob("*.pt")) / 2**20
+    print(f"{total:.1f} MB in {out}")
+    if total > LIMIT_MB:
+        raise SystemExit(f"shipped checkpoints take {total:.1f} MB, over the {LIMIT_MB} MB budget")
+
+
+if __name__ == "__main__":
+    main()
