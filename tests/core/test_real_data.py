@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import read_volume
@@ -52,3 +53,19 @@ def test_finetuned_voxelmorph_improves_on_the_affine_stage():
     metrics = run(settings, 3, 4)
     assert metrics["mean_dice_after"] > metrics["mean_dice_affine"] + 0.005
     assert metrics["folding_percent"] < 0.5
+
+
+def test_a_mindboggle_folder_is_a_labelled_training_set(tmp_path):
+    """The folder layout users have (sub_t1 + sub_labels) pairs up, and a real pair is
+    preprocessed like the pipeline: affinely aligned, so its labels already overlap."""
+    from napari_deepwarp.core.datasets import VolumeSource, mean_dice, scan_folder
+
+    entries = scan_folder(MINDBOGGLE)
+    assert len(entries) == 5 and all(e.labels is not None for e in entries)
+    assert all(e.labels.name == e.image.name.replace("_t1", "_labels") for e in entries)
+    source = VolumeSource(MINDBOGGLE, (48, 48, 48), tmp_path)
+    pair = {k: torch.from_numpy(v)[None, None] for k, v in source.prepared(0, 1).items()}
+    dice = mean_dice(
+        torch.from_numpy(pair["fixed_labels"]), torch.from_numpy(pair["moving_labels"])
+    )
+    assert dice > 0.3  # after the affine stage (about 0.015 before it)
