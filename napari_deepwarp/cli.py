@@ -455,6 +455,13 @@ def _add_train(sub) -> None:
         "contrasts (multi-modal losses such as MI)",
     )
     p.add_argument(
+        "--synth",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="synthetic-pair setting (core.synth.SynthSettings), e.g. rotation=3 or displacement=3",
+    )
+    p.add_argument(
         "--config",
         action="append",
         default=[],
@@ -531,6 +538,7 @@ def cmd_train(args) -> int:
         reg_weight=args.reg_weight,
         labels_weight=args.labels_weight,
         contrast=args.contrast,
+        synth=_config_overrides(args.synth),
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
         validation=args.validation,
@@ -635,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_train(sub)
     _add_demo(sub)
+    __import__("napari_deepwarp.batch").batch.add_register_batch(sub)  # issue 6
     return parser
 
 

@@ -21,6 +21,7 @@ local rank); rank 0 validates and writes. The effective batch is ``batch_size * 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -55,7 +56,9 @@ class TrainSettings:
     :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
     Dice term on the pairs' label maps (as SynthMorph does; 0: off); contrast: synthetic pairs
     with the ``"same"`` per-label intensities on both sides (for same-modality losses) or
-    ``"independent"`` ones (for multi-modal losses such as MI); validation: None for
+    ``"independent"`` ones (for multi-modal losses such as MI); synth: overrides of
+    :class:`SynthSettings` fields (e.g. smaller affine jitter for pairs that the affine stage
+    has already aligned); validation: None for
     synthetic labelled pairs, else a CSV/folder of labelled volumes; cache: folder for
     preprocessed real pairs (default: next to ``output``); time_limit_s: stop (and save) after the
     first step past this many seconds of this run, so a training fits a time budget."""
@@ -73,6 +76,7 @@ class TrainSettings:
     reg_weight: float = 1.0
     labels_weight: float = 0.0
     contrast: str = "same"
+    synth: dict = field(default_factory=dict)
     checkpoint_every: int = 100
     validate_every: int = 100
     validation: str | Path | None = None
@@ -194,11 +198,20 @@ def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: tor
 
 def _source(settings: TrainSettings):
     if settings.data == "synth":
-        synth = SynthSettings(
-            shape=tuple(settings.shape), same_contrast=settings.contrast == "same"
-        )
-        return SynthSource(synth, settings.seed)
+        return SynthSource(synth_settings(settings), settings.seed)
     return VolumeSource(settings.data, tuple(settings.shape), _cache(settings), settings.seed)
+
+
+def synth_settings(settings: TrainSettings) -> SynthSettings:
+    """The synthetic-pair settings of a training run, or an error naming a bad override."""
+    known = {f.name for f in dataclasses.fields(SynthSettings)}
+    unknown = sorted(set(settings.synth) - known)
+    if unknown:
+        raise InputError(f"--synth: no setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.synth.items()}
+    return SynthSettings(
+        **{"shape": tuple(settings.shape), "same_contrast": settings.contrast == "same", **values}
+    )
 
 
 def _cache(settings: TrainSettings) -> Path:
@@ -288,14 +301,11 @@ def _train(settings: TrainSettings, dist: _Distributed):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     val_pairs, val_description = ([], "")
     if dist.main:
-        synth = SynthSettings(
-            shape=tuple(settings.shape), same_contrast=settings.contrast == "same"
-        )
         val_pairs, val_description = validation_pairs(
             settings.validation,
             tuple(settings.shape),
             _cache(settings),
-            synth,
+            synth_settings(settings),
             count=settings.validation_count,
         )
         if settings.resume:
@@ -401,7 +411,7 @@ def _card(
         base = fields.get("loss") or (describe() if callable(describe) else {})
         fields["loss"] = {**base, "labels": {"name": "soft_dice", "weight": settings.labels_weight}}
     if settings.data == "synth":
-        fields["training"]["synthetic_contrast"] = settings.contrast
+        fields["training"]["synthetic_pairs"] = dataclasses.asdict(synth_settings(settings))
     if settings.name:
         fields["name"] = settings.name
     if settings.description:
