@@ -22,7 +22,7 @@ import torch
 from napari_deepwarp.core import losses
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import RegistrationModel, RegistrationOutput
-from napari_deepwarp.core.progress import Plateau, Progress
+from napari_deepwarp.core.progress import STOP, Plateau, Progress
 from napari_deepwarp.core.supervision import Supervision
 
 
@@ -95,7 +95,8 @@ def finetune_network(
     ``supervision``: label maps and/or landmarks on the same grid, weighted by the settings.
 
     Yields :class:`Progress` after every step (``preview`` holds the current field every
-    ``preview_every`` steps); returns a :class:`FinetuneResult`. Closing the generator cancels.
+    ``preview_every`` steps); returns a :class:`FinetuneResult`. Closing the generator cancels;
+    sending :data:`progress.STOP` ends the optimisation and returns the network as it is.
     """
     settings = settings or FinetuneSettings()
     start = time.perf_counter()
@@ -109,7 +110,7 @@ def finetune_network(
     sigmas = [*settings.level_sigmas, 0.0]
     per_level = max(1, settings.steps // len(sigmas))
     history: list[float] = []
-    step, stopped = 0, False
+    step, stopped, halted = 0, False, False
     plateau = Plateau(settings.patience, settings.min_delta)
     for level, sigma in enumerate(sigmas):
         last = level == len(sigmas) - 1
@@ -132,7 +133,7 @@ def finetune_network(
             preview = None
             if settings.preview_every and step % settings.preview_every == 0:
                 preview = {"displacement": output.displacement.detach()}
-            yield Progress(
+            command = yield Progress(
                 step,
                 settings.steps,
                 f"fine-tuning (level {level + 1}/{len(sigmas)})",
@@ -140,9 +141,14 @@ def finetune_network(
                 loss=value,
                 preview=preview,
             )
+            if command == STOP:
+                stopped = halted = True
+                break
             if last and plateau.update(value):
                 stopped = True
                 break
+        if halted:
+            break
     tuned.eval()
     with torch.no_grad():
         displacement = tuned(moving, fixed).displacement.detach()

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: send this into a running fine-tuning or refinement generator (``gen.send(STOP)``, or a napari
+#: worker's ``send``) to end the optimisation at once and keep the field reached so far
+STOP = "stop"
+
 
 @dataclass
 class Progress:

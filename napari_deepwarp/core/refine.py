@@ -17,7 +17,7 @@ import torch
 
 from napari_deepwarp.core import losses, spatial
 from napari_deepwarp.core.models.blocks import downsample_image
-from napari_deepwarp.core.progress import Plateau, Progress
+from napari_deepwarp.core.progress import STOP, Plateau, Progress
 from napari_deepwarp.core.supervision import Supervision
 
 
@@ -69,7 +69,8 @@ def refine_field(
 
     ``initial``: ``(1, 3, D, H, W)`` voxels (e.g. the network's output); zeros if None.
     Yields :class:`Progress` per step (``preview`` holds the field every ``preview_every``
-    steps, on the input grid); returns a :class:`RefineResult`. Closing the generator cancels.
+    steps, on the input grid); returns a :class:`RefineResult`. Closing the generator cancels;
+    sending :data:`progress.STOP` ends the optimisation and returns the field reached so far.
     ``supervision``: label maps and/or landmarks on the input grid, weighted by the settings; the
     terms see the level's field resized to the input grid.
     """
@@ -85,7 +86,7 @@ def refine_field(
     regulariser = losses.REGULARISERS[settings.regulariser]
     per_level = max(1, settings.steps // len(settings.levels))
     history: list[float] = []
-    step, stopped = 0, False
+    step, stopped, halted = 0, False, False
     plateau = Plateau(settings.patience, settings.min_delta)
     for index, factor in enumerate(settings.levels):
         last = index == len(settings.levels) - 1
@@ -114,7 +115,7 @@ def refine_field(
             preview = None
             if settings.preview_every and step % settings.preview_every == 0:
                 preview = {"displacement": spatial.resize_field(param.detach(), shape)}
-            yield Progress(
+            command = yield Progress(
                 step,
                 settings.steps,
                 f"refining the field (level {index + 1}/{len(settings.levels)})",
@@ -122,8 +123,13 @@ def refine_field(
                 loss=value,
                 preview=preview,
             )
+            if command == STOP:
+                stopped = halted = True
+                break
             if last and plateau.update(value):
                 stopped = True
                 break
         current = spatial.resize_field(param.detach(), shape)
+        if halted:
+            break
     return RefineResult(current, history, step, stopped, time.perf_counter() - start)

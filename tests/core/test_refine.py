@@ -37,3 +37,20 @@ def test_refinement_starts_from_the_given_field(registration_pair):
     assert torch.allclose(none.displacement, truth)
     events, result = run(refine_field(moving, fixed, truth, RefineSettings(steps=3, levels=(1,))))
     assert len(events) == 3 and (result.displacement - truth).abs().max() < 1.0
+
+
+def test_stop_keeps_the_field_reached_so_far(registration_pair):
+    from napari_deepwarp.core.progress import STOP
+
+    moving, fixed, *_ = registration_pair()
+    gen = refine_field(moving, fixed, None, RefineSettings(steps=60, levels=(2, 1)))
+    events = [next(gen) for _ in range(3)]
+    try:
+        gen.send(STOP)
+        raise AssertionError("the generator went on after STOP")
+    except StopIteration as stop:
+        result = stop.value
+    assert [e.step for e in events] == [1, 2, 3]
+    assert result.steps_run == 3 and result.stopped_early
+    assert result.displacement.shape == (1, 3, *fixed.shape[2:])
+    assert result.displacement.abs().max() > 0  # three steps of optimisation are kept
