@@ -61,7 +61,7 @@ def register(
     ``settings``: fields of :class:`~core.pipeline.RegistrationSettings` (device, affine, ...).
     ``progress``: called with every :class:`Progress` event.
     """
-    from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint
+    from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint, working_size
     from napari_deepwarp.core.finetune import FinetuneSettings
     from napari_deepwarp.core.pipeline import RegistrationSettings
     from napari_deepwarp.core.pipeline import register as run
@@ -77,9 +77,7 @@ def register(
         if path is not None:
             network, card = load_checkpoint(path)
         name = network.name if network is not None else (model or "voxelmorph")
-    shape = (card or {}).get("working_shape")
-    if shape and refine_steps == 0:
-        settings.setdefault("max_size", max(shape) if isinstance(shape, list) else int(shape))
+    settings.setdefault("max_size", working_size(card, refining=refine_steps > 0))
     config = RegistrationSettings(
         model=name,
         finetune=FinetuneSettings(steps=finetune_steps),

@@ -246,15 +246,10 @@ def _settings_and_model(args):
 
 
 def _max_size(args, card: dict | None) -> int:
-    """--max-size, else the checkpoint's training size (the resolution it learnt), else 96;
-    field refinement gains from a finer grid, so with --refine at least 96."""
-    if args.max_size:
-        return args.max_size
-    shape = (card or {}).get("working_shape")
-    trained = max(shape) if isinstance(shape, list) else shape
-    if trained is None or args.refine > 0:
-        return max(96, trained or 0)
-    return int(trained)
+    """--max-size, else the checkpoint's working size (see ``checkpoint.working_size``)."""
+    from napari_deepwarp.core.checkpoint import working_size
+
+    return args.max_size or working_size(card, refining=args.refine > 0)
 
 
 def cmd_register(args) -> int:
@@ -282,32 +277,11 @@ def cmd_register(args) -> int:
 
 def _save_finetuned(args, result):
     """Write the fine-tuned copy with a card: its parent, the pair, the steps and the time."""
-    from napari_deepwarp.core.checkpoint import make_card, parent_reference, save_checkpoint
-    from napari_deepwarp.core.train import hardware
+    from napari_deepwarp.core.checkpoint import finetuned_card, save_checkpoint
 
-    parent = args.resolved_checkpoint
-    metrics = result.metrics
-    grid = result.working_grid
-    card = make_card(
-        result.model,
-        working_spacing_mm=None if grid is None else float(grid.spacing[0]),
-        working_shape=None if grid is None else list(grid.shape),
-        intensity_preset=args.modality,
-        modality=None,
-        training={
-            "data": "instance optimisation on one pair (see tuned_on)",
-            "steps": metrics["finetune_steps"],
-            "command": "deepwarp " + " ".join(args.argv),
-            "hardware": hardware(result.working_field.device),
-            "duration_s": round(metrics["seconds"].get("finetune", 0.0), 1),
-        },
-        metrics={k: metrics[k] for k in ("mean_dice_after", "folding_percent") if k in metrics},
-        parent=parent_reference(parent) if parent else None,
-        tuned_on={
-            "fixed": str(Path(args.fixed).resolve()),
-            "moving": str(Path(args.moving).resolve()),
-        },
-    )
+    tuned_on = f"fixed {Path(args.fixed).resolve()}, moving {Path(args.moving).resolve()}"
+    command = "deepwarp " + " ".join(args.argv)
+    card = finetuned_card(result, tuned_on, command, args.resolved_checkpoint)
     return save_checkpoint(args.save_finetuned, result.model, card)
 
 

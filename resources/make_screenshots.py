@@ -3,9 +3,12 @@
     xvfb-run -a python resources/make_screenshots.py
 
 Registers the built-in sample pair with field refinement and shows the fixed image (green) and
-the warped moving image (magenta, additive) before and after, side by side in napari's grid mode.
+the warped moving image (magenta, additive) before and after, side by side in napari's grid mode
+(demo_overlay.png). Then drives the dock widget: a run on the sample pair (widget_run.png) and the
+comparison of three runs side by side (compare.png).
 """
 
+import time
 from pathlib import Path
 
 import napari
@@ -45,5 +48,54 @@ def main() -> None:
     viewer.close()
 
 
+def _wait(widget) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    while widget.worker is not None:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    QApplication.processEvents()
+
+
+def widget_screenshots() -> None:
+    """The dock widget after a run on the sample pair, and the comparison of three runs."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer = napari.Viewer(show=True, title="napari-deepwarp")
+    viewer.window.resize(1500, 1000)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-deepwarp", "Deformable registration")
+    viewer.open_sample("napari-deepwarp", "sample_pair")
+    widget.device.setCurrentText("cpu")
+    widget.max_size.setValue(64)
+    widget.mode.setCurrentIndex(2)  # field refinement
+    widget.steps.setValue(150)
+    widget.run()
+    _wait(widget)
+    viewer.dims.set_point(0, sum(viewer.dims.range[0][:2]) / 2)
+    viewer.reset_view()
+    viewer.screenshot(str(OUT / "widget_run.png"), canvas_only=False)
+
+    widget.model.setCurrentText("affine")
+    widget.mode.setCurrentIndex(0)
+    widget.run()
+    _wait(widget)
+    widget.model.setCurrentText("voxelmorph")
+    widget.mode.setCurrentIndex(2)
+    widget.steps.setValue(150)
+    widget.reg_weight.setValue(0.5)
+    widget.run()
+    _wait(widget)
+    widget.tabs.setCurrentWidget(widget.compare)
+    widget.compare.select_runs({1, 2, 3})
+    widget.compare.side_by_side.setChecked(True)
+    viewer.grid.stride = 1
+    QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "compare.png"), canvas_only=False)
+    viewer.close()
+
+
 if __name__ == "__main__":
     main()
+    widget_screenshots()

@@ -123,6 +123,60 @@ def software_versions() -> dict[str, str]:
     }
 
 
+def hardware(device: torch.device) -> str:
+    """The machine in words: CPU model and threads, or the GPU's name."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def working_size(card: dict | None, refining: bool = False) -> int:
+    """The largest working-grid side to run a checkpoint at: the size it was trained at (the
+    resolution it learnt), or 96 without a card. Field refinement gains from a finer grid, so
+    when refining, at least 96."""
+    shape = (card or {}).get("working_shape")
+    trained = max(shape) if isinstance(shape, list) else shape
+    if trained is None or refining:
+        return max(96, int(trained or 0))
+    return int(trained)
+
+
+def finetuned_card(result, tuned_on: str, command: str, parent: PathLike | None = None) -> dict:
+    """The card of a network fine-tuned on one pair by ``pipeline.register`` (``result``): its
+    parent checkpoint (None: fitted from scratch), the pair, steps, time, hardware, what it
+    reached on the pair, and the working grid it was tuned on."""
+    metrics, grid = result.metrics, result.working_grid
+    parent_card = read_card(parent) if parent else {}
+    device = result.working_field.device if result.working_field is not None else "cpu"
+    return make_card(
+        result.model,
+        working_spacing_mm=None if grid is None else float(grid.spacing[0]),
+        working_shape=None if grid is None else list(grid.shape),
+        intensity_preset=parent_card.get("intensity_preset"),
+        modality=parent_card.get("modality"),
+        training={
+            "data": f"instance optimisation on one pair: {tuned_on}",
+            "steps": metrics["finetune_steps"],
+            "command": command,
+            "hardware": hardware(torch.device(device)),
+            "duration_s": round(metrics["seconds"].get("finetune", 0.0), 1),
+        },
+        metrics={
+            k: metrics[k]
+            for k in ("mean_dice_after", "folding_percent", "ncc_after")
+            if metrics.get(k) is not None
+        },
+        parent=parent_reference(parent) if parent else None,
+        tuned_on=tuned_on,
+    )
+
+
 def _jsonable(value: Any, where: str) -> Any:
     """``value`` with tuples as lists and numpy scalars as Python ones; refuse anything else."""
     if value is None:
@@ -499,6 +553,8 @@ __all__ = [
     "CheckpointError",
     "default_checkpoint",
     "file_sha256",
+    "finetuned_card",
+    "hardware",
     "load_checkpoint",
     "make_card",
     "parent_reference",
@@ -506,4 +562,5 @@ __all__ = [
     "save_checkpoint",
     "shipped_checkpoints",
     "software_versions",
+    "working_size",
 ]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -34,7 +33,12 @@ import numpy as np
 import torch
 
 from napari_deepwarp.core import losses
-from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
+from napari_deepwarp.core.checkpoint import (
+    hardware,
+    load_checkpoint,
+    make_card,
+    save_checkpoint,
+)
 from napari_deepwarp.core.datasets import (
     SynthSource,
     VolumeSource,
@@ -114,19 +118,6 @@ def state_path(output: str | Path) -> Path:
 
 def log_path(settings: TrainSettings) -> Path:
     return Path(settings.log) if settings.log else Path(settings.output).with_suffix(".log.jsonl")
-
-
-def hardware(device: torch.device) -> str:
-    """The machine in words: CPU model and threads, or the GPU's name."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 class _Distributed:

@@ -1,0 +1,68 @@
+"""A run's metrics as table rows ``[quantity, before, affine, after]`` (text, for copy and CSV)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+HEADERS = ["quantity", "before", "affine", "after"]
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def metric_rows(record) -> list[list[str]]:
+    """Rows for one :class:`~napari_deepwarp._qt.worker.RunRecord`: overlap (mean and per label),
+    landmark TRE, similarity, field quality, deformation range, time per stage, device, memory."""
+    m = record.result.metrics
+    rows: list[list[str]] = []
+
+    def stages(label: str, key: str):
+        values = [m.get(f"{key}_{s}") for s in ("before", "affine", "after")]
+        if any(v is not None for v in values):
+            rows.append([label, *(_fmt(v) for v in values)])
+
+    stages("mean Dice", "mean_dice")
+    stages("mean Jaccard", "mean_jaccard")
+    per_label = {s: m.get(f"labels_{s}") or {} for s in ("before", "affine", "after")}
+    labels = sorted(set().union(*per_label.values()), key=lambda k: (len(k), k))
+    for what in ("dice", "jaccard"):
+        for label in labels:
+            rows.append(
+                [f"{what.capitalize()} label {label}"]
+                + [_fmt(per_label[s].get(label, {}).get(what)) for s in per_label]
+            )
+    if any(f"tre_{s}_mm" in m for s in ("before", "affine", "after")):
+        rows.append(
+            ["landmark TRE (mm, mean)"]
+            + [_fmt(m.get(f"tre_{s}_mm")) for s in ("before", "affine", "after")]
+        )
+    rows.append(["NCC", _fmt(m.get("ncc_before")), "", _fmt(m.get("ncc_after"))])
+    rows.append(["MI (nats)", _fmt(m.get("mi_before")), "", _fmt(m.get("mi_after"))])
+    rows.append(["folding % (det J <= 0)", "", "", _fmt(m.get("folding_percent"))])
+    rows.append(["SD log det J", "", "", _fmt(m.get("sdlogj"))])
+    magnitude = np.linalg.norm(record.result.displacement, axis=-1)
+    rows.append(
+        [
+            "deformation |u| (mm) min / mean / max",
+            "",
+            "",
+            f"{magnitude.min():.3g} / {magnitude.mean():.3g} / {magnitude.max():.3g}",
+        ]
+    )
+    for stage, seconds in (m.get("seconds") or {}).items():
+        rows.append([f"time {stage} (s)", "", "", _fmt(seconds, 3)])
+    rows.append(["device", "", "", str(m.get("device", ""))])
+    if record.peak_memory_mb is not None:
+        rows.append(
+            [f"peak memory (MB, {record.memory_method})", "", "", _fmt(record.peak_memory_mb)]
+        )
+    return rows
+
+
+def mean_tre(metrics: dict) -> float | None:
+    return metrics.get("tre_after_mm")

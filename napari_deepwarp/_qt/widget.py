@@ -1,0 +1,904 @@
+"""The dock widget: choose layers and a method, run ``pipeline.register`` in a worker, show results.
+
+Layers are read into :class:`Volume` copies on the main thread; the run happens in a napari
+generator worker (:func:`._qt.worker.run_job`); result layers are added only when a run returns,
+so Cancel (``worker.quit()``, honoured at the next step) leaves the layer list as it was. Every
+bad choice and every failure ends in a napari notification, never an exception in Qt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels, Layer, Points
+from napari.qt.threading import create_worker
+from napari.utils import notifications
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_deepwarp.core.checkpoint import (
+    CheckpointError,
+    default_checkpoint,
+    read_card,
+    shipped_checkpoints,
+    working_size,
+)
+from napari_deepwarp.core.finetune import FinetuneSettings
+from napari_deepwarp.core.io import InputError, check_image, check_labels_match
+from napari_deepwarp.core.models.registry import available_models
+from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
+from napari_deepwarp.core.progress import STOP
+from napari_deepwarp.core.refine import RefineSettings
+from napari_deepwarp.layers import LABEL_WORDS, data_to_world, volume_from_layer
+
+from .compare import CompareRuns
+from .loss_plot import LossPlot
+from .readout import HEADERS, metric_rows
+from .result_layers import run_layers
+from .tables import CopyableTable
+from .worker import RegistrationFailed, RunRequest, run_job
+
+NONE = "(none)"
+UNTRAINED = "(none: untrained)"
+BROWSE = "Browse…"
+#: role -> (layer class, optional)
+ROLES = {
+    "fixed": (Image, False),
+    "moving": (Image, False),
+    "fixed labels": (Labels, True),
+    "moving labels": (Labels, True),
+    "fixed points": (Points, True),
+    "moving points": (Points, True),
+}
+MODES = (("none", "none"), ("network fine-tuning", "finetune"), ("field refinement", "refine"))
+SIMILARITIES = ("(default)", "lncc", "ncc", "ncc_ssd", "mi", "mse")
+VIEWS = ("overlay", "checkerboard", "difference")
+
+
+def notify_error(message: str) -> None:
+    notifications.show_error(message)
+
+
+def _ours(layer) -> dict | None:
+    """The ``deepwarp`` marker of a layer this widget made (None for the user's layers)."""
+    meta = getattr(layer, "metadata", None) or {}
+    return meta.get("deepwarp")
+
+
+def card_summary(card: dict) -> str:
+    """A few lines about a checkpoint card, for tooltips and the card panel."""
+    training = card.get("training") or {}
+    metrics = card.get("metrics") or {}
+    lines = [
+        f"{card.get('name') or card['architecture']} ({card['architecture']})",
+        card.get("description") or "",
+        (
+            f"modality: {card.get('modality') or '?'}; working spacing: "
+            f"{card.get('working_spacing_mm') or '?'} mm"
+        ),
+        f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
+    ]
+    if metrics:
+        lines.append(
+            "metrics: "
+            + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in list(metrics.items())[:4]
+            )
+        )
+    if card.get("parent"):
+        lines.append(f"fine-tuned from {card['parent'].get('name')} on {card.get('tuned_on')}")
+    return "\n".join(line for line in lines if line)
+
+
+class DeepwarpWidget(QWidget):
+    """Deformable registration of two 3D image layers (the napari dock widget)."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.records: list = []
+        self.current = None  # the RunRecord shown in the readout
+        self.worker = None
+        self.preview_layer = None
+        self._runs_started = 0
+        self._user_chosen: set[str] = set()
+        self._build()
+        events = self.viewer.layers.events
+        events.inserted.connect(self._on_inserted)
+        events.removed.connect(self.refresh_layers)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self.refresh_layers)
+        self.refresh_layers()
+
+    # --- UI -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        setup = QWidget()
+        setup_layout = QVBoxLayout(setup)
+        setup_layout.setContentsMargins(0, 0, 0, 0)
+        inputs = QGroupBox("Inputs")
+        form = QFormLayout(inputs)
+        self.choosers: dict[str, QComboBox] = {}
+        for role in ROLES:
+            box = QComboBox()
+            box.activated.connect(lambda _i, r=role: self._user_chosen.add(r))
+            box.currentTextChanged.connect(self._pair_changed)
+            self.choosers[role] = box
+            form.addRow(role, box)
+        setup_layout.addWidget(inputs)
+
+        method = QGroupBox("Method")
+        form = QFormLayout(method)
+        self.model = QComboBox()
+        for name, cls in available_models().items():
+            self.model.addItem(name)
+            self.model.setItemData(
+                self.model.count() - 1, getattr(cls, "description", ""), Qt.ItemDataRole.ToolTipRole
+            )
+        self.model.addItem(AFFINE_ONLY)
+        self.model.setItemData(
+            self.model.count() - 1,
+            "the affine stage alone (no network)",
+            Qt.ItemDataRole.ToolTipRole,
+        )
+        self.checkpoint = QComboBox()
+        self.card_panel = QLabel("")
+        self.card_panel.setWordWrap(True)
+        self.card_panel.setStyleSheet("color: #aaa; font-size: 10px;")
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        self.affine = QCheckBox("affine pre-alignment")
+        self.affine.setChecked(True)
+        self.mode = QComboBox()
+        for text, key in MODES:
+            self.mode.addItem(text, key)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 10000)
+        self.steps.setValue(150)
+        self.similarity = QComboBox()
+        self.similarity.addItems(SIMILARITIES)
+        self.similarity.setToolTip(
+            "(default): the model's own loss when fine-tuning, local NCC when refining"
+        )
+        self.reg_weight = _double(0, 1000, RefineSettings().reg_weight, "regularisation weight")
+        self.labels_weight = _double(0, 1000, 0.0, "weight of the label (Dice) supervision")
+        self.landmarks_weight = _double(0, 1000, 0.0, "weight of the landmark supervision")
+        self.max_size = QSpinBox()
+        self.max_size.setRange(16, 1024)
+        self.max_size.setValue(96)
+        self.max_size.setToolTip("largest side of the network's working grid (voxels)")
+        self.invert = QCheckBox("fixed labels → moving space (inverse map)")
+        self.invert.setChecked(True)
+        form.addRow("model", self.model)
+        form.addRow("checkpoint", self.checkpoint)
+        form.addRow(self.card_panel)
+        form.addRow("device", self.device)
+        form.addRow(self.affine)
+        form.addRow("fine-tuning", self.mode)
+        form.addRow("steps", self.steps)
+        form.addRow("similarity", self.similarity)
+        form.addRow("regularisation", self.reg_weight)
+        form.addRow("labels weight", self.labels_weight)
+        form.addRow("landmarks weight", self.landmarks_weight)
+        form.addRow("working grid ≤", self.max_size)
+        form.addRow(self.invert)
+        setup_layout.addWidget(method)
+        setup_layout.addStretch(1)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.stop_button = QPushButton("Stop && keep")
+        self.stop_button.setToolTip("end fine-tuning now and finish the run with the current field")
+        self.cancel_button = QPushButton("Cancel")
+        self.stop_button.setEnabled(False)
+        self.cancel_button.setEnabled(False)
+        for b in (self.run_button, self.stop_button, self.cancel_button):
+            buttons.addWidget(b)
+        layout.addLayout(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.status = QLabel("ready")
+        self.loss_plot = LossPlot()
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.loss_plot)
+
+        result = QWidget()
+        rl = QVBoxLayout(result)
+        rl.setContentsMargins(0, 0, 0, 0)
+        self.run_label = QLabel("no run yet")
+        self.run_label.setWordWrap(True)
+        view_row = QHBoxLayout()
+        self.view = QComboBox()
+        self.view.addItems(VIEWS)
+        self.grid_spacing = _double(1, 200, 16.0, "deformation grid spacing (mm)")
+        view_row.addWidget(QLabel("view"))
+        view_row.addWidget(self.view)
+        view_row.addWidget(QLabel("grid mm"))
+        view_row.addWidget(self.grid_spacing)
+        self.readout = CopyableTable(HEADERS)
+        copy_row = QHBoxLayout()
+        self.copy_button = QPushButton("Copy")
+        self.csv_button = QPushButton("CSV…")
+        self.export_button = QPushButton("Export run…")
+        self.field_button = QPushButton("Export field…")
+        self.save_button = QPushButton("Save checkpoint…")
+        for b in (self.copy_button, self.csv_button):
+            copy_row.addWidget(b)
+        export_row = QHBoxLayout()
+        for b in (self.export_button, self.field_button, self.save_button):
+            export_row.addWidget(b)
+        rl.addWidget(self.run_label)
+        rl.addLayout(view_row)
+        rl.addWidget(self.readout)
+        rl.addLayout(copy_row)
+        rl.addLayout(export_row)
+        self.compare = CompareRuns(self.viewer)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(setup, "Setup")
+        self.tabs.addTab(result, "Result")
+        self.tabs.addTab(self.compare, "Compare")
+        layout.insertWidget(0, self.tabs, stretch=1)
+        self.result_tab = result
+
+        self._fill_checkpoints()
+        self.model.currentTextChanged.connect(self._model_changed)
+        self.checkpoint.activated.connect(self._checkpoint_activated)
+        self.checkpoint.currentIndexChanged.connect(self._show_card)
+        self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.run_button.clicked.connect(self.run)
+        self.stop_button.clicked.connect(self.stop)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.view.currentTextChanged.connect(self.set_view)
+        self.grid_spacing.valueChanged.connect(self._regrid)
+        self.copy_button.clicked.connect(self.readout.copy)
+        self.csv_button.clicked.connect(lambda: self.export_csv())
+        self.export_button.clicked.connect(lambda: self.export_run())
+        self.field_button.clicked.connect(lambda: self.export_field())
+        self.save_button.clicked.connect(lambda: self.save_checkpoint())
+        self.compare.current_changed.connect(self._show_run_number)
+        self._mode_changed()
+        self._update_result_buttons()
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _fill_checkpoints(self) -> None:
+        self.checkpoint.clear()
+        self.checkpoint.addItem(UNTRAINED, "")  # not None: PySide6 miscounts None refs
+        for path, card in shipped_checkpoints():
+            self._add_checkpoint_item(path, card)
+        self.checkpoint.addItem(BROWSE, BROWSE)
+        best = default_checkpoint()
+        if best is not None:
+            self.select_checkpoint(best)
+        else:
+            self.model.setCurrentText("voxelmorph")
+            self.mode.setCurrentIndex(2)  # untrained networks need refinement to do anything
+
+    def _add_checkpoint_item(self, path: Path, card: dict) -> int:
+        index = (
+            max(self.checkpoint.count() - 1, 1)
+            if self.checkpoint.findData(BROWSE) >= 0
+            else self.checkpoint.count()
+        )
+        label = f"{card.get('name') or Path(path).stem} · {card['architecture']}"
+        self.checkpoint.insertItem(index, label, str(path))
+        self.checkpoint.setItemData(index, card_summary(card), Qt.ItemDataRole.ToolTipRole)
+        return index
+
+    def select_checkpoint(self, path) -> None:
+        """Select (adding it if new) the checkpoint file ``path``; notify when it is unusable."""
+        index = self.checkpoint.findData(str(path))
+        if index < 0:
+            try:
+                card = read_card(path)
+            except (CheckpointError, OSError) as exc:
+                notify_error(str(exc))
+                return
+            if card["architecture"] not in available_models():
+                notify_error(f"{path}: checkpoint of unknown model {card['architecture']!r}")
+                return
+            index = self._add_checkpoint_item(Path(path), card)
+        self.checkpoint.setCurrentIndex(index)
+        card = read_card(path)
+        self.model.blockSignals(True)
+        self.model.setCurrentText(card["architecture"])
+        self.model.blockSignals(False)
+        self._show_card()
+
+    def _checkpoint_activated(self, index: int) -> None:
+        if self.checkpoint.itemData(index) != BROWSE:
+            path = self.checkpoint.itemData(index)
+            if path:
+                self.select_checkpoint(path)
+            return
+        self.checkpoint.setCurrentIndex(0)
+        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "checkpoints (*.pt)")
+        if path:
+            self.select_checkpoint(path)
+
+    def _suggest_max_size(self) -> None:
+        """The working size the checkpoint was trained at (96 when refining or untrained)."""
+        path = self.checkpoint.currentData()
+        card = None
+        if path and path != BROWSE:
+            try:
+                card = read_card(path)
+            except (CheckpointError, OSError):
+                card = None
+        self.max_size.setValue(working_size(card, refining=self.mode.currentData() == "refine"))
+
+    def _show_card(self, *_):
+        self._suggest_max_size()
+        path = self.checkpoint.currentData()
+        if not path or path == BROWSE:
+            self.card_panel.setText(
+                "untrained network (use refinement or fine-tuning)"
+                if self.model.currentText() != AFFINE_ONLY
+                else ""
+            )
+            return
+        try:
+            self.card_panel.setText(card_summary(read_card(path)))
+        except (CheckpointError, OSError) as exc:
+            self.card_panel.setText(str(exc))
+
+    def _model_changed(self, name: str) -> None:
+        self.checkpoint.setEnabled(name != AFFINE_ONLY)
+        path = self.checkpoint.currentData()
+        if path and path != BROWSE and read_card(path)["architecture"] == name:
+            return
+        best = default_checkpoint(name) if name != AFFINE_ONLY else None
+        if best is not None:
+            self.select_checkpoint(best)
+        else:
+            self.checkpoint.setCurrentIndex(0)
+        self._show_card()
+
+    def _mode_changed(self, *_):
+        mode = self.mode.currentData()
+        for w in (self.steps, self.similarity, self.reg_weight):
+            w.setEnabled(mode != "none")
+        default = FinetuneSettings() if mode == "finetune" else RefineSettings()
+        self.reg_weight.setValue(default.reg_weight)
+        self.steps.setValue(100 if mode == "finetune" else 150)
+        self._suggest_max_size()
+
+    # --- layer choosers -------------------------------------------------------------------
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self.refresh_layers)
+        self.refresh_layers()
+
+    def refresh_layers(self, *_) -> None:
+        """Refill the choosers; keep the user's choices, auto-pick the others by name and order."""
+        layers = [
+            layer for layer in self.viewer.layers if (_ours(layer) or {}).get("kind") != "preview"
+        ]
+        picked: dict[str, str] = {}
+        for role, (kind, optional) in ROLES.items():
+            box = self.choosers[role]
+            names = [layer.name for layer in layers if isinstance(layer, kind)]
+            current = box.currentText()
+            if role in self._user_chosen and (current in names or current == NONE):
+                choice = current
+            else:
+                self._user_chosen.discard(role)
+                choice = self._auto_pick(role, layers, picked)
+            picked[role] = choice
+            box.blockSignals(True)
+            box.clear()
+            box.addItems(([NONE] if optional else []) + names)
+            box.setCurrentText(choice if choice else "")
+            if not optional and not choice:
+                box.setCurrentIndex(-1)
+            box.blockSignals(False)
+        self._pair_changed()
+
+    @staticmethod
+    def _auto_pick(role: str, layers: list, picked: dict) -> str:
+        kind, optional = ROLES[role]
+        side = role.split()[0]
+        other = "moving" if side == "fixed" else "fixed"
+        candidates = [
+            layer.name for layer in layers if isinstance(layer, kind) and not _ours(layer)
+        ]
+        if kind is Image:
+            candidates = [n for n in candidates if not any(w in n.lower() for w in LABEL_WORDS)]
+        named = [n for n in candidates if side in n.lower() and other not in n.lower()]
+        if named:
+            return named[0]
+        if optional:
+            unnamed = [
+                n for n in candidates if "fixed" not in n.lower() and "moving" not in n.lower()
+            ]
+            if len(candidates) >= 2 and len(unnamed) == len(candidates):
+                return candidates[0] if side == "fixed" else candidates[1]
+            return NONE
+        taken = picked.get("fixed") if side == "moving" else None
+        rest = [n for n in candidates if n != taken and other not in n.lower()]
+        rest = rest or [n for n in candidates if n != taken]
+        return rest[0] if rest else ""
+
+    def chosen(self, role: str):
+        """The layer chosen for ``role`` (None for none)."""
+        name = self.choosers[role].currentText()
+        if not name or name == NONE or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def _pair(self) -> tuple[str, str]:
+        return self.choosers["fixed"].currentText(), self.choosers["moving"].currentText()
+
+    def _pair_changed(self, *_):
+        if hasattr(self, "compare"):
+            self.compare.set_records(self.records, self._pair())
+
+    # --- a run ----------------------------------------------------------------------------
+    def build_request(self) -> RunRequest:
+        """Read the chosen layers into volumes (copies) and the settings; ``InputError`` on a
+        bad choice (nothing is changed)."""
+        fixed_layer, moving_layer = self.chosen("fixed"), self.chosen("moving")
+        if fixed_layer is None or moving_layer is None:
+            raise InputError("choose a fixed and a moving image layer (3D images)")
+        if fixed_layer is moving_layer:
+            raise InputError(
+                f"{fixed_layer.name}: fixed and moving are the same layer; "
+                "choose two different images"
+            )
+        for layer in (fixed_layer, moving_layer):
+            _check_3d(layer)
+        fixed, moving = _image_volume(fixed_layer), _image_volume(moving_layer)
+        check_image(fixed, "fixed")
+        check_image(moving, "moving")
+        labels = {}
+        for side, image_layer, image in (
+            ("fixed", fixed_layer, fixed),
+            ("moving", moving_layer, moving),
+        ):
+            layer = self.chosen(f"{side} labels")
+            if layer is None:
+                labels[side] = None
+                continue
+            _check_3d(layer)
+            if tuple(layer.data.shape) != tuple(image_layer.data.shape):
+                raise InputError(
+                    f"{layer.name}: {side} labels have shape {tuple(layer.data.shape)} but "
+                    f"{image_layer.name} has {tuple(image_layer.data.shape)}; choose the label "
+                    "layer drawn on that image"
+                )
+            vol = volume_from_layer(layer)
+            check_labels_match(vol, image, side)
+            labels[side] = vol
+        fixed_points, moving_points = self._landmarks()
+        settings = self._settings(labels, fixed_points is not None)
+        checkpoint = self.checkpoint.currentData()
+        use_checkpoint = checkpoint not in ("", BROWSE) and settings.model != AFFINE_ONLY
+        return RunRequest(
+            number=len(self.records) + 1,
+            name=self._run_name(settings, Path(checkpoint) if use_checkpoint else None),
+            fixed=fixed,
+            moving=moving,
+            settings=settings,
+            checkpoint=Path(checkpoint) if use_checkpoint else None,
+            fixed_labels=labels["fixed"],
+            moving_labels=labels["moving"],
+            fixed_landmarks=fixed_points,
+            moving_landmarks=moving_points,
+            pair=(fixed_layer.name, moving_layer.name),
+        )
+
+    def _landmarks(self):
+        layers = [self.chosen("fixed points"), self.chosen("moving points")]
+        if layers == [None, None]:
+            return None, None
+        if None in layers:
+            raise InputError("landmarks: choose a Points layer for both fixed and moving, or none")
+        points = []
+        for layer in layers:
+            if layer.ndim != 3:
+                raise InputError(f"{layer.name}: landmarks must be 3D points, got {layer.ndim}D")
+            m = data_to_world(
+                layer.affine, layer.scale, layer.translate, layer.rotate, layer.shear, 3
+            )
+            data = np.asarray(layer.data, float)
+            world_zyx = data @ m[:3, :3].T + m[:3, 3]
+            points.append(world_zyx[:, ::-1].copy())  # (x, y, z) mm LPS
+        if len(points[0]) != len(points[1]) or len(points[0]) == 0:
+            raise InputError(
+                f"landmarks: {layers[0].name} has {len(points[0])} points and {layers[1].name} "
+                f"{len(points[1])}; give the same (non-zero) number of corresponding points"
+            )
+        return points[0], points[1]
+
+    def _settings(self, labels: dict, landmarks: bool) -> RegistrationSettings:
+        mode = self.mode.currentData()
+        steps = self.steps.value()
+        finetune = FinetuneSettings(steps=steps if mode == "finetune" else 0)
+        refine = RefineSettings(steps=steps if mode == "refine" else 0)
+        target = finetune if mode == "finetune" else refine
+        similarity = self.similarity.currentText()
+        if similarity != SIMILARITIES[0]:
+            target.similarity = similarity
+            if similarity == "lncc" and mode == "finetune":
+                target.similarity_kwargs = {"window": 7}
+            elif mode == "refine":
+                target.similarity_kwargs = {"window": 7} if similarity == "lncc" else {}
+        target.reg_weight = self.reg_weight.value()
+        if labels["fixed"] is not None and labels["moving"] is not None:
+            target.labels_weight = self.labels_weight.value()
+        if landmarks:
+            target.landmarks_weight = self.landmarks_weight.value()
+        return RegistrationSettings(
+            model=self.model.currentText(),
+            affine=self.affine.isChecked(),
+            device=self.device.currentText(),
+            max_size=self.max_size.value(),
+            finetune=finetune,
+            refine=refine,
+        )
+
+    def _run_name(self, settings: RegistrationSettings, checkpoint: Path | None) -> str:
+        parts = [f"run {len(self.records) + 1}", settings.model]
+        if settings.model != AFFINE_ONLY:
+            parts.append(checkpoint.stem if checkpoint else "untrained")
+        if settings.finetune.steps:
+            parts.append(f"finetune {settings.finetune.steps}")
+        if settings.refine.steps:
+            parts.append(f"refine {settings.refine.steps}")
+        for tuned, default in (
+            (settings.finetune, FinetuneSettings()),
+            (settings.refine, RefineSettings()),
+        ):
+            if tuned.steps and tuned.similarity != default.similarity:
+                parts.append(str(tuned.similarity))
+            if tuned.steps and tuned.reg_weight != default.reg_weight:
+                parts.append(f"reg {tuned.reg_weight:g}")
+        if not settings.affine and settings.model != AFFINE_ONLY:
+            parts.append("no affine")
+        return " · ".join(parts)
+
+    def run(self) -> None:
+        """Start a run with the current choices (a notification instead when they are bad)."""
+        if self.worker is not None:
+            return
+        try:
+            request = self.build_request()
+        except (InputError, ValueError) as exc:
+            notify_error(str(exc))
+            return
+        self.start(request)
+
+    def start(self, request: RunRequest) -> None:
+        worker = create_worker(
+            run_job, request, self.invert.isChecked(), _start_thread=False, _ignore_errors=True
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.loss_plot.clear()
+        self.progress.setValue(0)
+        self.status.setText(f"{request.name}: starting")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+
+    def cancel(self) -> None:
+        """Cancel the running registration at its next step; nothing it made is kept."""
+        if self.worker is not None:
+            self.status.setText("cancelling…")
+            self.cancel_button.setEnabled(False)
+            self.stop_button.setEnabled(False)
+            self.worker.quit()
+
+    def stop(self) -> None:
+        """End fine-tuning / refinement now and finish the run with the current field."""
+        if self.worker is not None:
+            self.status.setText("stopping the optimisation; finishing the run…")
+            self.stop_button.setEnabled(False)
+            self.worker.send(STOP)
+
+    def _on_progress(self, event) -> None:
+        self.progress.setValue(int(event.fraction * 1000))
+        text = f"{event.stage}: {event.message}"
+        if event.loss is not None:
+            text += f" — loss {event.loss:.4g}"
+            self.loss_plot.add(event.loss, event.stage)
+        self.status.setText(text)
+        optimising = event.stage in ("finetune", "refine")
+        self.stop_button.setEnabled(optimising)
+        preview = (event.preview or {}).get("warped")
+        if preview is not None and hasattr(preview, "grid"):
+            self._show_preview(preview)
+
+    def _show_preview(self, vol) -> None:
+        affine = vol.grid.napari_affine()
+        if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
+            self.preview_layer = self.viewer.add_image(
+                vol.array,
+                name="deepwarp · live preview",
+                colormap="magenta",
+                blending="additive",
+                affine=affine,
+                metadata={"deepwarp": {"kind": "preview"}},
+            )
+        else:
+            self.preview_layer.data = vol.array
+            self.preview_layer.affine = affine
+
+    def _drop_preview(self) -> None:
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.preview_layer)
+        self.preview_layer = None
+
+    def _on_returned(self, record) -> None:
+        self._drop_preview()
+        try:
+            self._add_run(record)
+        except Exception as exc:  # noqa: BLE001 - a display failure must not crash napari
+            for layer in record.layers.values():
+                if layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+            notify_error(f"{record.name}: could not show the result: {exc}")
+            return
+        self.progress.setValue(1000)
+        self.tabs.setCurrentWidget(self.result_tab)
+        self.status.setText(
+            f"{record.name}: done in {record.result.metrics['seconds']['total']:.1f} s"
+        )
+
+    def _add_run(self, record) -> None:
+        axes = tuple(self.viewer.dims.order[-2:]) if self.viewer.dims.ndim >= 3 else (1, 2)
+        data = run_layers(
+            record.result,
+            record.name,
+            record.number,
+            self.grid_spacing.value(),
+            axes,
+            record.inverse_labels,
+        )
+        for previous in self.records:
+            for layer in previous.layers.values():
+                if layer in self.viewer.layers:
+                    layer.visible = False
+        for kind, (array, meta, layer_type) in data.items():
+            layer = Layer.create(array, meta, layer_type)
+            if kind == "labels moving→fixed":
+                layer.contour = 1
+            record.layers[kind] = layer
+            self.viewer.add_layer(layer)
+        by_name = {layer.name: layer for layer in self.viewer.layers}
+        fixed, moving = (by_name.get(n) for n in record.request.pair)
+        if fixed is not None:
+            fixed.visible = True
+            fixed.colormap, fixed.blending = "green", "additive"
+        if moving is not None:
+            moving.visible = False
+        self.records.append(record)
+        self.compare.set_records(self.records, self._pair())
+        self.show_run(record)
+        self.view.blockSignals(True)
+        self.view.setCurrentText("overlay")
+        self.view.blockSignals(False)
+
+    def _on_error(self, exc) -> None:
+        self._drop_preview()
+        if isinstance(exc, (InputError, CheckpointError, FileNotFoundError)):
+            notify_error(str(exc))
+        elif isinstance(exc, RegistrationFailed):
+            notify_error(f"registration failed: {exc}")
+        else:
+            notify_error(f"registration failed: {type(exc).__name__}: {exc}")
+        self.status.setText("failed (see the notification)")
+
+    def _on_aborted(self) -> None:
+        self._drop_preview()
+        self.status.setText("cancelled; nothing was added")
+        notifications.show_info("registration cancelled; nothing was added")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.stop_button.setEnabled(False)
+        self._update_result_buttons()
+
+    # --- results --------------------------------------------------------------------------
+    def show_run(self, record) -> None:
+        self.current = record
+        m = record.result.metrics
+        mag = np.linalg.norm(record.result.displacement, axis=-1)
+        self.run_label.setText(
+            f"<b>{record.name}</b><br>Dice {_f(m.get('mean_dice_before'))} → "
+            f"{_f(m.get('mean_dice_after'))}; folding {_f(m.get('folding_percent'))} %; "
+            f"|u| {mag.min():.2g}–{mag.max():.3g} mm"
+        )
+        self.readout.set_rows(metric_rows(record))
+        self._update_result_buttons()
+
+    def _show_run_number(self, number: int) -> None:
+        for record in self.records:
+            if record.number == number:
+                self.show_run(record)
+
+    def _update_result_buttons(self) -> None:
+        have = self.current is not None
+        for b in (self.copy_button, self.csv_button, self.export_button, self.field_button):
+            b.setEnabled(have)
+        tuned = (
+            have
+            and self.current.request.settings.finetune.steps > 0
+            and self.current.result.model is not None
+        )
+        self.save_button.setEnabled(bool(tuned))
+
+    def set_view(self, view: str) -> None:
+        """``overlay`` (warped magenta over fixed green), ``checkerboard`` or ``difference``."""
+        record = self.current
+        if record is None:
+            return
+        layers = record.layers
+        fixed = self.chosen("fixed")
+        for kind in ("warped", "checkerboard", "difference"):
+            if kind in layers and layers[kind] in self.viewer.layers:
+                layers[kind].visible = (kind == "warped") if view == "overlay" else kind == view
+        if fixed is not None and fixed.name == record.request.pair[0]:
+            fixed.visible = view == "overlay"
+
+    def _regrid(self, spacing: float) -> None:
+        from .result_layers import grid_lines
+
+        record = self.current
+        if record is None or "grid" not in record.layers:
+            return
+        axes = tuple(self.viewer.dims.order[-2:])
+        lines = grid_lines(record.result.displacement, record.result.fixed.grid, spacing, axes)
+        record.layers["grid"].data = (lines > 0.5).astype(np.uint8)
+
+    # --- export ---------------------------------------------------------------------------
+    def export_csv(self, path=None):
+        if self.current is None:
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Metrics as CSV", "metrics.csv", "*.csv")
+            if not path:
+                return None
+        return self.readout.write_csv(path)
+
+    def export_run(self, folder=None):
+        """pipeline.write_result into ``folder`` (+ fixed labels in moving space, metrics CSV)."""
+        from napari_deepwarp.core.io import write_volume
+        from napari_deepwarp.core.pipeline import write_result
+
+        if self.current is None:
+            return None
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Export the run into a folder")
+            if not folder:
+                return None
+        try:
+            written = write_result(self.current.result, folder)
+            if self.current.inverse_labels is not None:
+                written.append(
+                    write_volume(
+                        self.current.inverse_labels, Path(folder) / "fixed_labels_in_moving.nii.gz"
+                    )
+                )
+            written.append(self.readout.write_csv(Path(folder) / "metrics.csv"))
+        except (OSError, ValueError, RuntimeError) as exc:
+            notify_error(f"export failed: {exc}")
+            return None
+        notifications.show_info(f"wrote {len(written)} files into {folder}")
+        return written
+
+    def export_field(self, path=None):
+        """The total displacement field ((x, y, z) mm, fixed -> moving) as an ITK vector image."""
+        from napari_deepwarp.core.io import write_field
+
+        if self.current is None:
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Displacement field", "displacement.nii.gz", "*.nii.gz *.nrrd *.mha"
+            )
+            if not path:
+                return None
+        try:
+            return write_field(
+                self.current.result.displacement, self.current.result.fixed.grid, path
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            notify_error(f"export failed: {exc}")
+            return None
+
+    def save_checkpoint(self, path=None):
+        """Write the fine-tuned network with a card naming its parent and the pair."""
+        from napari_deepwarp.core.checkpoint import finetuned_card
+        from napari_deepwarp.core.checkpoint import save_checkpoint as save
+
+        record = self.current
+        if (
+            record is None
+            or record.result.model is None
+            or record.request.settings.finetune.steps == 0
+        ):
+            notify_error("no fine-tuned network in this run (choose network fine-tuning)")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save the fine-tuned network", "finetuned.pt", "*.pt"
+            )
+            if not path:
+                return None
+        req = record.request
+        tuned_on = (
+            f"fixed {req.pair[0]} {list(req.fixed.shape)}, moving {req.pair[1]} "
+            f"{list(req.moving.shape)}"
+        )
+        try:
+            card = finetuned_card(
+                record.result,
+                tuned_on,
+                "napari-deepwarp widget: network fine-tuning",
+                req.checkpoint,
+            )
+            card["name"] = f"{req.settings.model} fine-tuned ({record.name})"
+            return save(path, record.result.model, card)
+        except (OSError, ValueError, TypeError) as exc:
+            notify_error(f"could not save the checkpoint: {exc}")
+            return None
+
+    # --- cleanup --------------------------------------------------------------------------
+    def closeEvent(self, event):
+        if self.worker is not None:
+            self.worker.quit()
+        super().closeEvent(event)
+
+
+def _double(lo: float, hi: float, value: float, tip: str) -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(lo, hi)
+    spin.setDecimals(3)
+    spin.setSingleStep(0.5)
+    spin.setValue(value)
+    spin.setToolTip(tip)
+    return spin
+
+
+def _f(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _check_3d(layer) -> None:
+    if getattr(layer, "rgb", False) or layer.ndim != 3:
+        raise InputError(
+            f"{layer.name}: the layer is {layer.ndim}D with shape {tuple(layer.data.shape)}"
+            f"{' (RGB)' if getattr(layer, 'rgb', False) else ''}; deepwarp registers 3D volumes "
+            "(z, y, x) — choose a 3D layer"
+        )
+    if min(layer.data.shape) < 2:
+        raise InputError(f"{layer.name}: shape {tuple(layer.data.shape)} is a single slice")
+
+
+def _image_volume(layer):
+    vol = volume_from_layer(layer)
+    vol.array = vol.array.astype(np.float32, copy=False)
+    return vol

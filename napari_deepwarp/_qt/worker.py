@@ -1,0 +1,175 @@
+"""One registration run as a generator for napari's ``create_worker``: request in, record out.
+
+The widget builds a :class:`RunRequest` on the main thread (volumes already copied from layers),
+:func:`run_job` loads the checkpoint, drains ``pipeline.register`` (re-yielding its
+:class:`Progress`), measures peak memory, takes the fixed labels into moving space through the
+inverse map, and returns a :class:`RunRecord`. Closing the generator (``worker.quit()``) cancels
+at the next yield; a value sent into it (``worker.send``) reaches the pipeline's yields.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (after a reset); elsewhere the growth of
+the process's resident set size (psutil), sampled at every progress event ("RSS, sampled").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_deepwarp.core.checkpoint import CheckpointError, load_checkpoint
+from napari_deepwarp.core.inverse import invert_deformation, warp_to_moving
+from napari_deepwarp.core.io import InputError
+from napari_deepwarp.core.pipeline import RegistrationResult, RegistrationSettings, register
+from napari_deepwarp.core.progress import Progress
+from napari_deepwarp.core.volume import Volume
+
+
+class RegistrationFailed(Exception):
+    """A run failed for a reason other than bad input (the message says where)."""
+
+
+@dataclass
+class RunRequest:
+    """Everything a run needs, read from the layers on the main thread.
+
+    Landmarks: ``(N, 3)`` physical (x, y, z) mm LPS. ``pair``: the (fixed, moving) layer names.
+    """
+
+    number: int
+    name: str
+    fixed: Volume
+    moving: Volume
+    settings: RegistrationSettings
+    checkpoint: Path | None = None
+    fixed_labels: Volume | None = None
+    moving_labels: Volume | None = None
+    fixed_landmarks: np.ndarray | None = None
+    moving_landmarks: np.ndarray | None = None
+    pair: tuple[str, str] = ("", "")
+
+
+@dataclass
+class RunRecord:
+    """A finished run: its request, the pipeline's result and what the widget adds."""
+
+    request: RunRequest
+    result: RegistrationResult
+    card: dict | None = None
+    inverse_labels: Volume | None = None
+    peak_memory_mb: float | None = None
+    memory_method: str = ""
+    layers: dict = field(default_factory=dict)
+
+    @property
+    def number(self) -> int:
+        return self.request.number
+
+    @property
+    def name(self) -> str:
+        return self.request.name
+
+
+class _Memory:
+    """Peak memory of a run in MB: CUDA allocator peak, else sampled RSS growth."""
+
+    def __init__(self, device: str):
+        self.cuda = device in ("cuda", "auto") and torch.cuda.is_available()
+        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "RSS growth, sampled"
+        self.process = None
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                import psutil
+
+                self.process = psutil.Process()
+                self.start = self.peak = self.process.memory_info().rss
+            except ImportError:  # pragma: no cover - psutil comes with napari
+                self.method = "unavailable"
+
+    def sample(self) -> None:
+        if self.process is not None:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def peak_mb(self) -> float | None:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.process is None:
+            return None
+        self.sample()
+        return (self.peak - self.start) / 2**20
+
+
+def _drain(gen: Generator, memory: _Memory):
+    """``yield from gen`` that samples memory at every event and closes ``gen`` when closed."""
+    value = None
+    try:
+        while True:
+            try:
+                event = gen.send(value)
+            except StopIteration as stop:
+                return stop.value
+            memory.sample()
+            value = yield event
+    finally:
+        gen.close()
+
+
+def run_job(
+    request: RunRequest, invert_labels: bool = True
+) -> Generator[Progress, None, RunRecord]:
+    """Run one registration; yields :class:`Progress`, returns a :class:`RunRecord`.
+
+    Bad input raises ``InputError``/``CheckpointError``; any other failure ``RegistrationFailed``
+    (never a bare ``RuntimeError``, which napari's worker would swallow as an aborted thread).
+    """
+    try:
+        yield Progress(0, 1, "starting", stage="load")
+        model, card = None, None
+        if request.checkpoint is not None:
+            model, card = load_checkpoint(request.checkpoint, device="cpu")
+        memory = _Memory(request.settings.device)
+        gen = register(
+            request.fixed,
+            request.moving,
+            request.settings,
+            model,
+            request.fixed_labels,
+            request.moving_labels,
+            request.fixed_landmarks,
+            request.moving_landmarks,
+        )
+        result = yield from _drain(gen, memory)
+        inverse = None
+        if invert_labels and request.fixed_labels is not None:
+            t = time.perf_counter()
+            yield Progress(0, 1, "fixed labels into moving space (inverse map)", stage="inverse")
+            w = invert_deformation(
+                result.deformation, result.fixed.grid, iterations=30, tolerance_mm=0.01
+            )
+            inverse = warp_to_moving(
+                request.fixed_labels,
+                request.moving.grid,
+                w,
+                result.fixed.grid,
+                result.affine,
+                labels=True,
+            )
+            inverse.name = f"{request.fixed_labels.name} in moving space"
+            result.metrics.setdefault("seconds", {})["inverse"] = time.perf_counter() - t
+        return RunRecord(
+            request=request,
+            result=result,
+            card=card,
+            inverse_labels=inverse,
+            peak_memory_mb=memory.peak_mb(),
+            memory_method=memory.method,
+        )
+    except (InputError, CheckpointError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        raise RegistrationFailed(f"{request.name}: {type(exc).__name__}: {exc}") from exc

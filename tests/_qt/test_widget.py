@@ -1,0 +1,195 @@
+"""The dock widget on a real viewer: runs, results in physical space, cancel, bad choices,
+comparison, exports and fine-tuned checkpoints. Runs are tiny (working grid 32, ~20 steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
+from napari_deepwarp.core.io import read_volume
+from napari_deepwarp.core.models.registry import create_model
+from napari_deepwarp.layers import data_to_world
+from tests._qt.conftest import wait_idle
+
+
+def _matrix(layer):
+    return data_to_world(
+        layer.affine, layer.scale, layer.translate, layer.rotate, layer.shear, layer.ndim
+    )
+
+
+def _names(viewer):
+    return [layer.name for layer in viewer.layers]
+
+
+def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qtbot, tmp_path):
+    viewer, w = open_widget()
+    chosen = {role: box.currentText() for role, box in w.choosers.items()}
+    assert chosen["fixed"] == "sample fixed" and chosen["moving"] == "sample moving"
+    assert chosen["fixed labels"] == "sample fixed labels"
+    assert chosen["moving labels"] == "sample moving labels"
+    w.mode.setCurrentIndex(2)  # field refinement
+    w.steps.setValue(20)
+    w.run_button.click()
+    wait_idle(qtbot, w)
+    assert not [n for n in notes if n.startswith("show_error")], notes
+    (record,) = w.records
+    prefix = record.name
+    assert prefix.startswith("run 1 · voxelmorph") and "refine 20" in prefix
+    fixed = viewer.layers["sample fixed"]
+    for kind in (
+        "warped",
+        "checkerboard",
+        "difference",
+        "magnitude (mm)",
+        "jacobian",
+        "folds (det<=0)",
+        "grid",
+        "labels moving→fixed",
+    ):
+        layer = viewer.layers[f"{prefix} · {kind}"]
+        assert layer.data.shape == fixed.data.shape, kind
+        assert np.allclose(_matrix(layer), _matrix(fixed), atol=1e-5), kind
+    inverse = viewer.layers[f"{prefix} · labels fixed→moving"]
+    moving = viewer.layers["sample moving"]
+    assert inverse.data.shape == moving.data.shape
+    assert np.allclose(_matrix(inverse), _matrix(moving), atol=1e-5)
+    assert viewer.layers[f"{prefix} · grid"].data.max() > 0.5  # lines are drawn
+    # readout: Dice before and after, and it improved
+    rows = {row[0]: row for row in w.readout.rows()}
+    before, after = float(rows["mean Dice"][1]), float(rows["mean Dice"][3])
+    assert after > before
+    assert "folding % (det J <= 0)" in rows and "device" in rows
+    assert "mean Dice" in w.readout.copy()
+    # views
+    w.set_view("checkerboard")
+    assert viewer.layers[f"{prefix} · checkerboard"].visible and not fixed.visible
+    w.set_view("overlay")
+    assert viewer.layers[f"{prefix} · warped"].visible and fixed.visible
+    # exports
+    written = {p.name for p in w.export_run(tmp_path / "out")}
+    assert {
+        "warped.nii.gz",
+        "displacement.nii.gz",
+        "transform.h5",
+        "metrics.csv",
+        "fixed_labels_in_moving.nii.gz",
+    } <= written
+    warped = read_volume(tmp_path / "out" / "warped.nii.gz")
+    assert warped.grid.same_as(record.result.fixed.grid)
+    assert w.export_field(tmp_path / "field.nrrd").exists()
+    assert w.export_csv(tmp_path / "m.csv").read_text().startswith("quantity,before")
+
+
+def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget, qtbot):
+    viewer, w = open_widget()
+    w.mode.setCurrentIndex(2)
+    w.steps.setValue(10)
+    w.run()
+    wait_idle(qtbot, w)
+    assert w.compare.table.rowCount() == 1
+    w.model.setCurrentText("affine")
+    w.mode.setCurrentIndex(0)
+    w.run()
+    wait_idle(qtbot, w)
+    assert w.compare.table.rowCount() == 2
+    assert w.compare.table.item(1, 0).text().startswith("run 2 · affine")
+    assert float(w.compare.table.item(0, 1).text()) > 0  # mean Dice
+    w.compare.select_runs({1, 2})
+    w.compare.side_by_side.setChecked(True)
+    assert viewer.grid.enabled
+    visible = {layer.name for layer in viewer.layers if layer.visible}
+    assert visible == {"sample fixed"} | {f"{r.name} · warped" for r in w.records}
+    w.compare.side_by_side.setChecked(False)
+    assert not viewer.grid.enabled
+
+
+def test_cancel_during_refinement_leaves_the_layers_as_they_were(open_widget, notes, qtbot):
+    viewer, w = open_widget()
+    before = _names(viewer)
+    w.mode.setCurrentIndex(2)
+    w.steps.setValue(5000)
+    w.run()
+    qtbot.waitUntil(lambda: "refin" in w.status.text(), timeout=120_000)
+    w.cancel_button.click()
+    wait_idle(qtbot, w, timeout=60_000)
+    assert _names(viewer) == before and w.records == []
+    assert any("cancelled" in n for n in notes)
+    assert w.run_button.isEnabled()
+
+
+@pytest.mark.parametrize("bad", ["2d", "labels"])
+def test_a_bad_choice_notifies_and_changes_nothing(open_widget, notes, bad):
+    viewer, w = open_widget()
+    if bad == "2d":
+        viewer.add_image(np.random.rand(20, 30).astype(np.float32), name="flat")
+        w.choosers["moving"].setCurrentText("flat")
+    else:
+        viewer.add_labels(np.zeros((5, 6, 7), np.uint8), name="wrong labels")
+        w.choosers["fixed labels"].setCurrentText("wrong labels")
+    before = _names(viewer)
+    w.run()
+    assert w.worker is None and w.records == []
+    assert _names(viewer) == before
+    (message,) = [n for n in notes if n.startswith("show_error")]
+    assert ("3D" in message) if bad == "2d" else ("wrong labels" in message and "shape" in message)
+
+
+def test_layers_are_picked_when_the_sample_opens_after_the_widget(open_widget):
+    viewer, w = open_widget(sample=False)
+    assert w.choosers["fixed"].currentText() == ""
+    viewer.open_sample("napari-deepwarp", "sample_pair")
+    assert w.choosers["fixed"].currentText() == "sample fixed"
+    assert w.choosers["moving labels"].currentText() == "sample moving labels"
+    viewer.layers.remove("sample moving labels")
+    assert w.choosers["moving labels"].currentText() == "(none)"
+
+
+def test_fine_tuned_network_is_saved_with_its_parent(open_widget, qtbot, tmp_path):
+    parent = tmp_path / "parent.pt"
+    model = create_model("voxelmorph")
+    save_checkpoint(parent, model, make_card(model, modality="test"))
+    _viewer, w = open_widget()
+    w.select_checkpoint(parent)
+    assert w.checkpoint.currentData() == str(parent) and w.model.currentText() == "voxelmorph"
+    w.mode.setCurrentIndex(1)  # network fine-tuning
+    w.steps.setValue(3)
+    w.run()
+    wait_idle(qtbot, w)
+    assert w.save_button.isEnabled()
+    path = w.save_checkpoint(tmp_path / "tuned.pt")
+    _tuned, card = load_checkpoint(path)
+    assert card["parent"]["name"] == "parent.pt" and "sample fixed" in card["tuned_on"]
+    assert card["training"]["steps"] == 3
+
+
+def test_stop_keeps_the_result_with_a_live_preview_and_landmarks(open_widget, notes, qtbot):
+    """Stop & keep ends the refinement early and still adds the run; the live preview shows
+    while it runs and is gone after; landmarks give a TRE readout."""
+    viewer, w = open_widget()
+    fixed = viewer.layers["sample fixed"]
+    centre = np.array(fixed.data.shape) / 2.0
+    points = np.array([centre, centre + [3, 4, -2], centre + [-5, 2, 6]])
+    viewer.add_points(points, name="fixed points", affine=fixed.affine.affine_matrix)
+    viewer.add_points(points, name="moving points", affine=fixed.affine.affine_matrix)
+    w.choosers["fixed points"].setCurrentText("fixed points")
+    w.choosers["moving points"].setCurrentText("moving points")
+    w.mode.setCurrentIndex(2)  # field refinement
+    w.steps.setValue(2000)
+    w.max_size.setValue(32)
+    previews = []
+    w.run_button.click()
+    qtbot.waitUntil(lambda: w.stop_button.isEnabled(), timeout=120_000)
+    qtbot.waitUntil(lambda: w.preview_layer is not None, timeout=120_000)
+    previews.append(w.preview_layer.name)
+    w.stop_button.click()
+    wait_idle(qtbot, w)
+    assert not [n for n in notes if n.startswith("show_error")], notes
+    (record,) = w.records
+    assert record.result.metrics["seconds"]["refine"] > 0
+    assert previews == ["deepwarp · live preview"]
+    assert "deepwarp · live preview" not in _names(viewer)
+    rows = {row[0]: row for row in w.readout.rows()}
+    tre = rows["landmark TRE (mm, mean)"]
+    assert float(tre[1]) == 0.0 and float(tre[3]) >= 0.0  # identical points: no error before
