@@ -591,16 +591,18 @@ def cmd_demo(args) -> int:
     from napari_deepwarp.core.io import read_volume
 
     viewer = napari.Viewer(title="napari-deepwarp demo")
-    fixed = read_volume(paths["fixed"])
+    viewer.open_sample("napari-deepwarp", "sample_pair")
     warped = read_volume(Path(args.output) / "warped.nii.gz")
-    for vol, name, colormap in ((fixed, "fixed", "green"), (warped, "warped moving", "magenta")):
-        viewer.add_image(
-            vol.array,
-            name=name,
-            colormap=colormap,
-            blending="additive",
-            affine=vol.grid.napari_affine(),
-        )
+    viewer.add_image(
+        warped.array,
+        name="warped moving (deepwarp demo)",
+        colormap="magenta",
+        blending="additive",
+        affine=warped.grid.napari_affine(),
+    )
+    viewer.layers["sample moving"].visible = False
+    # the dock widget, with the sample pair already chosen: Run registers it again, live
+    viewer.window.add_plugin_dock_widget("napari-deepwarp", "Deformable registration")
     napari.run()
     return 0
 
