@@ -253,6 +253,7 @@ def _max_size(args, card: dict | None) -> int:
 
 
 def cmd_register(args) -> int:
+    from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
     from napari_deepwarp.core.io import InputError, read_landmarks, read_volume
     from napari_deepwarp.core.pipeline import register, write_result
 
@@ -264,9 +265,13 @@ def cmd_register(args) -> int:
     fixed_labels = read_volume(args.fixed_labels, labels=True) if args.fixed_labels else None
     moving_labels = read_volume(args.moving_labels, labels=True) if args.moving_labels else None
     points = [read_landmarks(path) for path in args.landmarks] if args.landmarks else [None, None]
-    result = drain(
-        register(fixed, moving, settings, model, fixed_labels, moving_labels, *points), args.quiet
-    )
+
+    def run(s):
+        return register(fixed, moving, s, model, fixed_labels, moving_labels, *points)
+
+    # a GPU that runs out of memory retries on a smaller grid, then the CPU, and says so
+    result = drain(with_oom_fallback(run, settings), args.quiet)
+    release_memory(settings.device)
     written = write_result(result, args.output)
     if args.save_finetuned:
         written.append(_save_finetuned(args, result))
@@ -609,6 +614,8 @@ def cmd_demo(args) -> int:
 
 # --- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from napari_deepwarp.batch import add_register_batch
+
     parser = argparse.ArgumentParser(
         prog="deepwarp",
         description="Deep-learning deformable registration of 3D medical volumes.",
@@ -619,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_train(sub)
     _add_demo(sub)
-    __import__("napari_deepwarp.batch").batch.add_register_batch(sub)  # issue 6
+    add_register_batch(sub)
     return parser
 
 

@@ -85,3 +85,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- widget tests (tests/_qt): a real napari viewer under Xvfb, the widget from the manifest
+WIDGET = "Deformable registration"
+
+
+@pytest.fixture
+def open_widget(make_napari_viewer):
+    """``open_widget(sample=True)`` -> ``(viewer, widget)`` (sample pair loaded first if asked)."""
+
+    def factory(sample: bool = True, **settings):
+        viewer = make_napari_viewer()
+        _, widget = viewer.window.add_plugin_dock_widget("napari-deepwarp", WIDGET)
+        if sample:
+            viewer.open_sample("napari-deepwarp", "sample_pair")
+        widget.max_size.setValue(settings.get("max_size", 32))
+        widget.device.setCurrentText("cpu")
+        return viewer, widget
+
+    yield factory
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Messages passed to napari's show_error / show_info by the widget, in order."""
+    from napari.utils import notifications
+
+    seen: list[str] = []
+    for name in ("show_error", "show_info", "show_warning"):
+        original = getattr(notifications, name)
+
+        def record(message, _original=original, _name=name):
+            seen.append(f"{_name}: {message}")
+            _original(message)
+
+        monkeypatch.setattr(notifications, name, record)
+    return seen

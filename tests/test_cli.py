@@ -341,7 +341,7 @@ def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, 
     assert main([*args, "--device", "cpu", "--save-finetuned", str(tuned)]) == 0
     card = read_card(tuned)
     assert card["parent"]["name"] == "vm_test.pt" and card["training"]["steps"] == 2
-    assert card["tuned_on"]["moving"].endswith("moving.mha")
+    assert card["tuned_on"].endswith("moving.mha")
     assert main([*args, "--save-finetuned", str(tuned), "--finetune", "0"]) == 2
     assert "--save-finetuned needs --finetune" in capsys.readouterr().err
     none = ["register", str(f), str(m), "-o", str(d / "n"), "--checkpoint", "none", "-q"]

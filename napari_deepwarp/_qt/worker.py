@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from napari_deepwarp.core.checkpoint import CheckpointError, load_checkpoint
+from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
 from napari_deepwarp.core.inverse import invert_deformation, warp_to_moving
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.pipeline import RegistrationResult, RegistrationSettings, register
@@ -133,17 +134,22 @@ def run_job(
         if request.checkpoint is not None:
             model, card = load_checkpoint(request.checkpoint, device="cpu")
         memory = _Memory(request.settings.device)
-        gen = register(
-            request.fixed,
-            request.moving,
-            request.settings,
-            model,
-            request.fixed_labels,
-            request.moving_labels,
-            request.fixed_landmarks,
-            request.moving_landmarks,
-        )
-        result = yield from _drain(gen, memory)
+
+        def attempt(settings):
+            return register(
+                request.fixed,
+                request.moving,
+                settings,
+                model,
+                request.fixed_labels,
+                request.moving_labels,
+                request.fixed_landmarks,
+                request.moving_landmarks,
+            )
+
+        # out of GPU memory: a smaller working grid, then the CPU (a progress message says so)
+        result = yield from _drain(with_oom_fallback(attempt, request.settings), memory)
+        release_memory(request.settings.device)
         inverse = None
         if invert_labels and request.fixed_labels is not None:
             t = time.perf_counter()

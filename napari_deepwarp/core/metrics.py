@@ -21,11 +21,13 @@ __all__ = [
     "folding_percent",
     "hd95",
     "hd95_per_label",
+    "intensity_similarity",
     "jaccard_per_label",
     "mean_dice",
     "mutual_information",
     "ncc",
     "overlap_per_label",
+    "overlap_per_label_many",
     "psnr",
     "sdlogj",
     "ssim",
@@ -67,16 +69,21 @@ def _label_tensor(x) -> torch.Tensor:
     return t.reshape(-1).to(torch.int64)
 
 
-def _label_counts(fixed, warped) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Label values and, per value, voxel counts in fixed, in warped, and in both."""
+def _label_counts(
+    fixed, warped, prepared: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Label values and, per value, voxel counts in fixed, in warped, and in both.
+
+    ``prepared``: ``_prepare_labels(fixed)``, to convert a fixed map once for several warped ones.
+    """
     _same_shape(fixed, warped)
-    f = _label_tensor(fixed)
+    f, f_lo, f_hi = prepared if prepared is not None else _prepare_labels(fixed)
     w = _label_tensor(warped).to(f.device)
     if f.numel() == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty, empty
-    lo = int(torch.minimum(f.min(), w.min()))
-    hi = int(torch.maximum(f.max(), w.max()))
+    w_lo, w_hi = (int(v) for v in torch.aminmax(w))
+    lo, hi = min(f_lo, w_lo), max(f_hi, w_hi)
     if lo >= 0 and hi <= max(1 << 20, f.numel()):
         values = torch.arange(hi + 1, device=f.device)
         fi, wi = f, w
@@ -91,6 +98,25 @@ def _label_counts(fixed, warped) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return tuple(t.cpu().numpy() for t in (values, count_f, count_w, count_both))  # type: ignore[return-value]
 
 
+def _prepare_labels(fixed) -> tuple[torch.Tensor, int, int]:
+    """A label map as a flat int64 tensor with its min and max (0, 0 when empty)."""
+    f = _label_tensor(fixed)
+    if f.numel() == 0:
+        return f, 0, 0
+    lo, hi = torch.aminmax(f)
+    return f, int(lo), int(hi)
+
+
+def overlap_per_label_many(
+    fixed_labels, warped_labels: Sequence, labels: Iterable[int] | None = None
+) -> list[dict[int, dict[str, float]]]:
+    """:func:`overlap_per_label` of one fixed map against several warped maps (e.g. before,
+    affine, after); the fixed map is converted once. Same values as one call per map."""
+    prepared = _prepare_labels(fixed_labels)
+    wanted = None if labels is None else list(labels)
+    return [_overlap(fixed_labels, w, wanted, prepared) for w in warped_labels]
+
+
 def overlap_per_label(
     fixed_labels, warped_labels, labels: Iterable[int] | None = None
 ) -> dict[int, dict[str, float]]:
@@ -101,7 +127,11 @@ def overlap_per_label(
     from both maps gets NaN. One pass of ``bincount``s over the volume, not a loop per label.
     Float maps are rounded to the nearest integer.
     """
-    values, count_f, count_w, count_both = _label_counts(fixed_labels, warped_labels)
+    return _overlap(fixed_labels, warped_labels, labels, None)
+
+
+def _overlap(fixed_labels, warped_labels, labels, prepared) -> dict[int, dict[str, float]]:
+    values, count_f, count_w, count_both = _label_counts(fixed_labels, warped_labels, prepared)
     index = {int(v): i for i, v in enumerate(values)}
     if labels is None:
         present = (count_f > 0) & (count_w > 0) & (values != 0)
@@ -304,17 +334,45 @@ def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     return ta, _float(b).to(ta.device)
 
 
+def _centred(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat ``t - mean(t)`` and its squared norm."""
+    d = t.reshape(-1) - t.mean()
+    return d, torch.dot(d, d)
+
+
+def _ncc_centred(da, saa, db, sbb) -> float:
+    denom = torch.sqrt(saa * sbb)
+    if denom.item() == 0:
+        return 0.0
+    return float((torch.dot(da, db) / denom).clamp(-1.0, 1.0))
+
+
 def ncc(a, b) -> float:
     """Global normalised cross-correlation (Pearson) of two images, in ``[-1, 1]``.
 
     0 when either image is constant.
     """
     ta, tb = _pair(a, b)
-    da, db = ta - ta.mean(), tb - tb.mean()
-    denom = torch.sqrt((da * da).sum() * (db * db).sum())
-    if denom.item() == 0:
-        return 0.0
-    return float(((da * db).sum() / denom).clamp(-1.0, 1.0))
+    return _ncc_centred(*_centred(ta), *_centred(tb))
+
+
+def _bin_index(t: torch.Tensor, bins: int) -> torch.Tensor:
+    """Bin of every value: ``bins`` equal bins over ``[min, max]``, right edge in the last."""
+    t = t.reshape(-1)
+    lo, hi = torch.aminmax(t)
+    if (hi - lo).item() == 0:
+        return torch.zeros_like(t, dtype=torch.int64)
+    x = t - lo
+    x.div_(hi - lo).mul_(bins).floor_()  # the same operations, in place: floor((t-lo)/(hi-lo)*b)
+    return x.to(torch.int64).clamp_(0, bins - 1)
+
+
+def _mi_from_bins(ia: torch.Tensor, ib: torch.Tensor, bins: int, dtype) -> float:
+    joint = torch.bincount(ia * bins + ib, minlength=bins * bins)
+    p = joint.reshape(bins, bins).to(dtype) / ia.numel()
+    pa, pb = p.sum(dim=1, keepdim=True), p.sum(dim=0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * torch.log(p[nz] / (pa * pb)[nz])).sum())
 
 
 def mutual_information(a, b, bins: int = 32) -> float:
@@ -324,22 +382,29 @@ def mutual_information(a, b, bins: int = 32) -> float:
     ``numpy.histogram2d(a, b, bins)`` does.
     """
     ta, tb = _pair(a, b)
-
-    def bin_index(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1)
-        lo, hi = t.min(), t.max()
-        if (hi - lo).item() == 0:
-            return torch.zeros_like(t, dtype=torch.int64)
-        idx = torch.floor((t - lo) / (hi - lo) * bins).to(torch.int64)
-        return idx.clamp_(0, bins - 1)
-
     if ta.numel() == 0:
         return math.nan
-    joint = torch.bincount(bin_index(ta) * bins + bin_index(tb), minlength=bins * bins)
-    p = joint.reshape(bins, bins).to(ta.dtype) / ta.numel()
-    pa, pb = p.sum(dim=1, keepdim=True), p.sum(dim=0, keepdim=True)
-    nz = p > 0
-    return float((p[nz] * torch.log(p[nz] / (pa * pb)[nz])).sum())
+    return _mi_from_bins(_bin_index(ta, bins), _bin_index(tb, bins), bins, ta.dtype)
+
+
+def intensity_similarity(reference, images: Sequence, bins: int = 32) -> list[dict[str, float]]:
+    """``{"ncc": ncc(reference, im), "mi": mutual_information(reference, im, bins)}`` for each
+    image, with the reference's conversion, centring and binning done once (the same values as
+    the single calls; e.g. the fixed image against the moving image before and after)."""
+    ref = _float(reference)
+    if ref.numel() == 0:
+        return [{"ncc": 0.0, "mi": math.nan} for _ in images]
+    d_ref, s_ref = _centred(ref)
+    bins_ref = _bin_index(ref, bins)
+    out = []
+    for image in images:
+        _same_shape(reference, image)
+        t = _float(image).to(ref.device)
+        value = _ncc_centred(d_ref, s_ref, *_centred(t))
+        out.append(
+            {"ncc": value, "mi": _mi_from_bins(bins_ref, _bin_index(t, bins), bins, ref.dtype)}
+        )
+    return out
 
 
 def _data_range(ta: torch.Tensor, tb: torch.Tensor, data_range) -> float:

@@ -35,7 +35,7 @@ from napari_deepwarp.core.preprocess import (
 )
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.refine import RefineSettings, refine_field
-from napari_deepwarp.core.spatial import identity_grid, jacobian_determinant, sample, warp
+from napari_deepwarp.core.spatial import jacobian_determinant, sample, warp
 from napari_deepwarp.core.supervision import check_landmarks, supervision_on_grid
 from napari_deepwarp.core.volume import Grid, Volume
 
@@ -119,9 +119,21 @@ def _to_tensor(array: np.ndarray, device) -> torch.Tensor:
 
 
 def _apply_homogeneous(matrix: np.ndarray, coords: torch.Tensor) -> torch.Tensor:
-    """Apply a 4x4 matrix to a ``(1, 3, D, H, W)`` point tensor."""
-    m = torch.as_tensor(matrix, dtype=coords.dtype, device=coords.device)
-    return torch.einsum("ij,bjdhw->bidhw", m[:3, :3], coords) + m[:3, 3].view(1, 3, 1, 1, 1)
+    """Apply a 4x4 matrix to a ``(1, 3, D, H, W)`` point tensor (result in the same layout)."""
+    from napari_deepwarp.core.spatial import transform_points
+
+    out = transform_points(coords.permute(0, 2, 3, 4, 1), matrix)
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def _working_field_on(fixed: Grid, working: Grid, working_field: torch.Tensor, device):
+    """The working-grid field sampled (trilinear, clamped) at every fixed voxel:
+    ``(1, 3, D, H, W)`` in working voxels (z, y, x), float32."""
+    from napari_deepwarp.core.spatial import resample_affine
+
+    to_working = working.world_to_index_matrix() @ fixed.index_to_world_matrix()
+    field = working_field.detach().to(device=device, dtype=torch.float32)
+    return resample_affine(field, to_working, fixed.shape, "linear", "border")
 
 
 def physical_map(
@@ -133,37 +145,137 @@ def physical_map(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """World points of every fixed voxel ``x``, ``x + d(x)`` and their images ``y = A(x + d(x))``.
 
-    Returns ``(x, x + d, y)``, each ``(1, 3, D, H, W)`` (x, y, z) mm on the fixed grid. ``d`` is the
-    working-grid field sampled (trilinear, clamped at the border) at each fixed voxel.
+    Returns ``(x, x + d, y)``, each ``(1, 3, D, H, W)`` (x, y, z) mm on the fixed grid, stored
+    channels-last (``torch.channels_last_3d``: ``t[0].permute(1, 2, 3, 0)`` is contiguous). ``d``
+    is the working-grid field sampled (trilinear, clamped at the border) at each fixed voxel.
+    The 4x4 matrices are composed on the host in float64; no index grid is materialised.
+    :func:`warp_full_resolution` gives the warped volumes, fields and Jacobian in one pass.
     """
-    idx = identity_grid(fixed.shape, device)
-    x = _apply_homogeneous(fixed.index_to_world_matrix(), idx)
+    from napari_deepwarp.core.spatial import affine_points, transform_points
+
+    x = affine_points(fixed.index_to_world_matrix(), fixed.shape, device)
     moved = x
     if working_field is not None:
-        to_working = working.world_to_index_matrix() @ fixed.index_to_world_matrix()
-        q = _apply_homogeneous(to_working, idx)
-        u = sample(working_field.float(), q, mode="linear", padding="border")
-        step = torch.as_tensor(
-            working.index_to_world_matrix()[:3, :3], dtype=u.dtype, device=u.device
-        )
-        moved = x + torch.einsum("ij,bjdhw->bidhw", step, u)
-    y = _apply_homogeneous(_matrix(affine), moved)
-    return x, moved, y
+        u = _working_field_on(fixed, working, working_field, device)
+        step = working.index_to_world_matrix()[:3, :3]
+        moved = transform_points(x, None, u, step)
+    y = moved if affine is None else transform_points(moved, _matrix(affine))
+    return tuple(t.permute(0, 4, 1, 2, 3) for t in (x, moved, y))  # type: ignore[return-value]
+
+
+def _label_source(vol: Volume, device) -> torch.Tensor:
+    """Labels as floats that hold every value exactly: ``(1, 1, D, H, W)``."""
+    a = vol.array
+    big = a.size and max(abs(float(a.min())), abs(float(a.max()))) > 2**24
+    return torch.from_numpy(a.astype(np.float64 if big else np.float32))[None, None].to(device)
 
 
 def warp_volume(vol: Volume, y: torch.Tensor, fixed: Grid, labels: bool = False) -> Volume:
-    """Sample ``vol`` at world points ``y (1, 3, D, H, W)`` (ITK boundary rules) onto ``fixed``."""
-    idx = _apply_homogeneous(vol.grid.world_to_index_matrix(), y)
+    """Sample ``vol`` at world points ``y (1, 3, D, H, W)`` (ITK boundary rules) onto ``fixed``.
+
+    ``y`` may be stored channels-first or channels-last (as :func:`physical_map` returns it).
+    """
+    from napari_deepwarp.core.spatial import sample_at
+
+    points = y.permute(0, 2, 3, 4, 1)
+    to_index = vol.grid.world_to_index_matrix()
     if labels:
-        src = torch.from_numpy(
-            vol.array.astype(np.float64 if vol.array.max() > 2**24 else np.float32)
-        )
-        out = sample(src[None, None].to(y.device), idx.to(src.dtype), "nearest", "itk")
+        src = _label_source(vol, y.device)
+        out = sample_at(src, points, to_index, "nearest", "itk")
         array = out[0, 0].cpu().numpy().astype(vol.array.dtype)
     else:
         src = _to_tensor(vol.array, y.device)
-        array = sample(src, idx, "linear", "itk")[0, 0].cpu().numpy()
+        array = sample_at(src, points, to_index, "linear", "itk")[0, 0].cpu().numpy()
     return Volume.on_grid(array, fixed, vol.name)
+
+
+@dataclass
+class FullResolution:
+    """What the warp stage produces on the fixed grid (see :func:`warp_full_resolution`)."""
+
+    warped: Volume
+    warped_labels: Volume | None
+    displacement: np.ndarray
+    deformation: np.ndarray
+    jacobian: np.ndarray
+
+
+def warp_full_resolution(
+    fixed: Grid,
+    affine: sitk.AffineTransform | None,
+    working: Grid | None,
+    working_field: torch.Tensor | None,
+    moving: Volume,
+    moving_labels: Volume | None,
+    device,
+) -> FullResolution:
+    """The warp stage in one pass: same results as :func:`physical_map` + :func:`warp_volume`
+    (image, labels) + ``y - x``, ``x + d - x`` and ``jacobian_determinant`` of the total map in
+    fixed voxels, to float rounding.
+
+    Every output is an affine function of the fixed index ``p`` plus a 3x3 matrix times the
+    upsampled working field ``u(p)``; the 4x4 matrices are composed on the host in float64, and
+    per voxel only ``u``, the moving positions (shared by image and labels, with ITK's inside
+    mask), the displacement and ``det(B + C grad u) = det(C) det(C^-1 B + grad u)`` are computed.
+    displacement / deformation: ``(z, y, x, 3)`` float32 (x, y, z) mm; jacobian ``(z, y, x)``.
+    """
+    from napari_deepwarp.core.spatial import affine_points, sample_many_at
+
+    shape = fixed.shape
+    m_fixed = fixed.index_to_world_matrix()
+    a = _matrix(affine)
+    u, step = None, np.zeros((3, 3))
+    if working_field is not None:
+        u = _working_field_on(fixed, working, working_field, device)
+        step = working.index_to_world_matrix()[:3, :3]
+    # Moving voxel position of fixed voxel p: W_m A (M_f p + S u(p)).
+    to_moving = moving.grid.world_to_index_matrix() @ a
+    sources = [(_to_tensor(moving.array, device), "linear")]
+    same = moving_labels is not None and moving_labels.grid.same_as(moving.grid, tol=1e-6)
+    if same:
+        sources.append((_label_source(moving_labels, device), "nearest"))
+    extra = {} if u is None else {"extra": u, "extra_matrix": to_moving[:3, :3] @ step}
+    if same and sources[1][0].dtype != sources[0][0].dtype:
+        sources[0] = (sources[0][0].to(sources[1][0].dtype), "linear")
+    outs = sample_many_at(sources, None, to_moving @ m_fixed, "itk", shape=shape, **extra)
+    warped = Volume.on_grid(outs[0][0, 0].float().cpu().numpy(), fixed, moving.name)
+    warped_labels = None
+    if moving_labels is not None:
+        if same:
+            lab = outs[1][0, 0].cpu().numpy().astype(moving_labels.array.dtype)
+            warped_labels = Volume.on_grid(lab, fixed, moving_labels.name)
+        else:
+            labels_map = moving_labels.grid.world_to_index_matrix() @ a
+            extra_l = {} if u is None else {"extra": u, "extra_matrix": labels_map[:3, :3] @ step}
+            src = _label_source(moving_labels, device)
+            out = sample_many_at(
+                [(src, "nearest")], None, labels_map @ m_fixed, "itk", shape=shape, **extra_l
+            )[0]
+            lab = out[0, 0].cpu().numpy().astype(moving_labels.array.dtype)
+            warped_labels = Volume.on_grid(lab, fixed, moving_labels.name)
+    del outs, sources
+    # y - x = (A M_f - M_f) p + A S u(p): channels-last, so (z, y, x, 3) with no copy.
+    disp = affine_points(a @ m_fixed - m_fixed, shape, device)
+    if u is not None:
+        linear = torch.as_tensor(a[:3, :3] @ step, dtype=torch.float32, device=disp.device)
+        disp.view(-1, 3).addmm_(u.reshape(3, -1).T, linear.T)
+    displacement = disp[0].cpu().numpy()
+    del disp
+    if u is None:
+        deformation = np.zeros((*shape, 3), np.float32)
+    else:
+        s_t = torch.as_tensor(step, dtype=torch.float32, device=u.device)
+        deformation = torch.mm(u.reshape(3, -1).T, s_t.T).view(*shape, 3).cpu().numpy()
+    # Total map in fixed voxels: I + grad u_vox = B + C grad u with B = W_f A M_f, C = W_f A S.
+    w_fixed = fixed.world_to_index_matrix()[:3, :3]
+    b = w_fixed @ a[:3, :3] @ m_fixed[:3, :3]
+    if u is None:
+        jacobian = np.full(shape, np.linalg.det(b), np.float32)
+    else:
+        c = w_fixed @ a[:3, :3] @ step
+        det = jacobian_determinant(u, base=np.linalg.solve(c, b))
+        jacobian = det.mul_(float(np.linalg.det(c)))[0, 0].cpu().numpy()
+    return FullResolution(warped, warped_labels, displacement, deformation, jacobian)
 
 
 def _identity_warp(vol: Volume, fixed: Grid, labels: bool) -> Volume:
@@ -263,26 +375,20 @@ def register(
 
     t = time.perf_counter()
     yield Progress(0, 1, "warping at full resolution", stage="warp")
-    x, moved, y = physical_map(fixed.grid, affine, grid, field_w, device)
-    warped = warp_volume(moving, y, fixed.grid)
-    warped_labels = (
-        warp_volume(moving_labels, y, fixed.grid, labels=True)
-        if moving_labels is not None
-        else None
-    )
-    displacement = (y - x)[0].permute(1, 2, 3, 0).cpu().numpy()
-    deformation = (moved - x)[0].permute(1, 2, 3, 0).cpu().numpy()
-    # Total map in fixed voxels (z, y, x): its Jacobian determinant equals the physical one.
-    to_index = torch.as_tensor(fixed.grid.world_to_index_matrix(), dtype=y.dtype, device=y.device)
-    u_vox = torch.einsum("ij,bjdhw->bidhw", to_index[:3, :3], y - x)
-    jacobian = jacobian_determinant(u_vox)[0, 0].cpu().numpy()
-    del x, moved, y, u_vox
+    full = warp_full_resolution(fixed.grid, affine, grid, field_w, moving, moving_labels, device)
+    warped, warped_labels = full.warped, full.warped_labels
+    displacement, deformation, jacobian = full.displacement, full.deformation, full.jacobian
+    del full
     seconds["warp"] = time.perf_counter() - t
 
     t = time.perf_counter()
     yield Progress(0, 1, "measuring", stage="metrics")
     before = _identity_warp(moving, fixed.grid, labels=False)
     fixed_n = apply_window(fixed.array, fixed_window)
+    # One window per image and the fixed image's statistics once (same values as M.ncc / M.mi).
+    sim_before, sim_after = M.intensity_similarity(
+        fixed_n, [apply_window(v.array, moving_window) for v in (before, warped)]
+    )
     metrics: dict = {
         "model": settings.model,
         "device": str(device),
@@ -295,18 +401,18 @@ def register(
         else {"shape_zyx": list(grid.shape), "spacing_mm": grid.spacing[0]},
         "folding_percent": M.folding_percent(jacobian),
         "sdlogj": M.sdlogj(jacobian),
-        "ncc_before": M.ncc(fixed_n, apply_window(before.array, moving_window)),
-        "ncc_after": M.ncc(fixed_n, apply_window(warped.array, moving_window)),
-        "mi_before": M.mutual_information(fixed_n, apply_window(before.array, moving_window)),
-        "mi_after": M.mutual_information(fixed_n, apply_window(warped.array, moving_window)),
+        "ncc_before": sim_before["ncc"],
+        "ncc_after": sim_after["ncc"],
+        "mi_before": sim_before["mi"],
+        "mi_after": sim_after["mi"],
     }
     if fixed_labels is not None and moving_labels is not None:
         stages = {"before": _identity_warp(moving_labels, fixed.grid, labels=True)}
         if affine is not None and deformable:
             stages["affine"] = resample(moving_labels, fixed.grid, affine, "nearest")
         stages["after"] = warped_labels
-        for name, lab in stages.items():
-            per_label = M.overlap_per_label(fixed_labels.array, lab.array)
+        overlaps = M.overlap_per_label_many(fixed_labels.array, [v.array for v in stages.values()])
+        for name, per_label in zip(stages, overlaps):
             metrics[f"mean_dice_{name}"] = _mean(per_label, "dice")
             metrics[f"mean_jaccard_{name}"] = _mean(per_label, "jaccard")
             metrics[f"labels_{name}"] = {str(k): v for k, v in per_label.items()}
@@ -347,11 +453,13 @@ def _supervised(settings: RegistrationSettings) -> bool:
 
 
 def _with_preview(steps: Generator, moving_w: torch.Tensor, grid: Grid) -> Generator:
-    """Pass ``steps``' events on, adding ``preview["warped"]`` where they carry a field."""
+    """Pass ``steps``' events on, adding ``preview["warped"]`` where they carry a field, and
+    pass what is sent in (e.g. :data:`progress.STOP`) on to ``steps``."""
+    command = None
     try:
         while True:
             try:
-                event = next(steps)
+                event = steps.send(command)
             except StopIteration as stop:
                 return stop.value
             if event.preview and "displacement" in event.preview:
@@ -360,7 +468,7 @@ def _with_preview(steps: Generator, moving_w: torch.Tensor, grid: Grid) -> Gener
                 event.preview["warped"] = Volume.on_grid(
                     warped[0, 0].cpu().numpy(), grid, "preview"
                 )
-            yield event
+            command = yield event
     finally:
         steps.close()
 

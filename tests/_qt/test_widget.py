@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qt_helpers import wait_idle
 
 from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
 from napari_deepwarp.core.io import read_volume
 from napari_deepwarp.core.models.registry import create_model
 from napari_deepwarp.layers import data_to_world
-from tests._qt.conftest import wait_idle
 
 
 def _matrix(layer):

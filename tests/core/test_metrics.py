@@ -257,3 +257,26 @@ def test_ssim_and_psnr_match_skimage(volumes):
     assert M.psnr(a, b, data_range=1.0) == pytest.approx(
         metrics.peak_signal_noise_ratio(a, b, data_range=1.0)
     )
+
+
+def test_intensity_similarity_equals_the_single_metrics(volumes):
+    a, b, noise = volumes
+    images = [b, noise, np.full_like(a, 2.0)]
+    together = M.intensity_similarity(a.astype(np.float32), [x.astype(np.float32) for x in images])
+    for values, image in zip(together, images):
+        assert values["ncc"] == pytest.approx(M.ncc(a.astype(np.float32), image.astype(np.float32)))
+        assert values["mi"] == M.mutual_information(a.astype(np.float32), image.astype(np.float32))
+    assert together[2]["ncc"] == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.intensity_similarity(a, [a[:-1]])
+
+
+def test_overlap_per_label_many_equals_one_call_per_map():
+    rng = np.random.default_rng(3)
+    fixed = rng.integers(0, 7, (9, 10, 11)).astype(np.int32)
+    warped = [rng.integers(0, 9, fixed.shape).astype(np.int16), fixed.copy(), -fixed]
+    many = M.overlap_per_label_many(fixed, warped)
+    assert many == [M.overlap_per_label(fixed, w) for w in warped]
+    assert M.overlap_per_label_many(fixed, warped[:1], labels=[1, 42]) == [
+        M.overlap_per_label(fixed, warped[0], labels=[1, 42])
+    ]

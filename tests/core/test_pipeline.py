@@ -199,3 +199,25 @@ def test_inputs_are_not_modified(finetuned_run):
     before = fixed.array.copy()
     drain(register(fixed, fixed, RegistrationSettings(model="affine", device="cpu")))
     assert np.array_equal(fixed.array, before)
+
+
+def test_stop_during_refinement_finishes_the_run_with_the_current_field():
+    from napari_deepwarp.core.progress import STOP
+    from napari_deepwarp.core.refine import RefineSettings
+
+    fixed, fixed_labels = blobs(FIXED_GRID)
+    moving, moving_labels = blobs(MOVING_GRID)
+    settings = RegistrationSettings(
+        model="voxelmorph", device="cpu", max_size=24, refine=RefineSettings(steps=100)
+    )
+    gen = register(fixed, moving, settings, None, fixed_labels, moving_labels)
+    command, refine_events = None, 0
+    try:
+        while True:
+            event = gen.send(command)
+            refine_events += event.stage == "refine"
+            command = STOP if refine_events == 5 else None
+    except StopIteration as stop:
+        result = stop.value
+    assert refine_events == 5
+    assert result.metrics["mean_dice_after"] is not None and result.warped.grid.same_as(FIXED_GRID)

@@ -151,3 +151,125 @@ def test_voxel_to_normalized_corners():
 def test_sample_rejects_unknown_modes():
     with pytest.raises(ValueError, match="padding"):
         spatial.sample(torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2), padding="wrap")
+
+
+# --- issue 6: the fast paths give what the reference paths give ------------------------------
+
+
+def random_affine(seed, scale=0.05, shift=2.0):
+    rng = np.random.default_rng(seed)
+    m = np.eye(4)
+    m[:3, :3] += rng.uniform(-scale, scale, (3, 3))
+    m[:3, 3] = rng.uniform(-shift, shift, 3)
+    return m
+
+
+def apply_reference(matrix, coords):
+    """The old way: an einsum over a materialised ``(1, 3, D, H, W)`` point tensor."""
+    m = torch.as_tensor(matrix, dtype=coords.dtype)
+    return torch.einsum("ij,bjdhw->bidhw", m[:3, :3], coords) + m[:3, 3].view(1, 3, 1, 1, 1)
+
+
+def test_normalization_matrix_agrees_with_voxel_to_normalized():
+    for shape in [(5, 6, 7), (1, 4, 9), (3, 1, 2)]:
+        p = spatial.identity_grid(shape, dtype=torch.float64) * 1.3 - 0.4
+        by_matrix = apply_reference(spatial.normalization_matrix(shape), p)
+        expected = spatial.voxel_to_normalized(p, shape)  # (B, D, H, W, 3) x, y, z
+        got = by_matrix.permute(0, 2, 3, 4, 1)
+        keep = [i for i, n in enumerate(shape[::-1]) if n > 1]  # length-1 axes: any value
+        assert torch.allclose(got[..., keep], expected[..., keep], atol=1e-12)
+
+
+def test_affine_points_equals_the_index_grid_mapped():
+    shape, m = (6, 7, 9), random_affine(0)
+    expected = apply_reference(m, spatial.identity_grid(shape, dtype=torch.float64))
+    got = spatial.affine_points(m, shape, dtype=torch.float64)
+    assert got.shape == (1, *shape, 3)
+    assert torch.allclose(got.permute(0, 4, 1, 2, 3), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest"])
+@pytest.mark.parametrize("padding", ["border", "zeros", "itk"])
+def test_sample_at_equals_sample_of_the_mapped_points(mode, padding):
+    """Composed on the host, normalised once: the same values as ``sample`` at ``M p + E u``."""
+    shape_in, shape_out = (10, 12, 9), (7, 8, 11)
+    img = smooth_image(shape_in) * 10
+    if mode == "nearest":
+        img = torch.floor(img)
+    m, e = random_affine(1, 0.3, 3.0), random_affine(2, 0.2)[:3, :3]
+    u = smooth_field(shape_out, 2.0, seed=3)
+    p = spatial.identity_grid(shape_out, dtype=torch.float64)
+    coords = apply_reference(m, p) + torch.einsum("ij,bjdhw->bidhw", torch.as_tensor(e), u)
+    expected = spatial.sample(img, coords, mode, padding)
+    # From explicit channels-last points, channels-first points, or implicit voxel indices.
+    got = [
+        spatial.sample_at(img, p.permute(0, 2, 3, 4, 1).contiguous(), m, mode, padding, u, e),
+        spatial.sample_at(img, p.permute(0, 2, 3, 4, 1), m, mode, padding, u, e),
+        spatial.sample_at(img, None, m, mode, padding, u, e, shape=shape_out),
+    ]
+    for out in got:
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max() < 1e-9
+    if padding == "itk":
+        assert (expected == 0).any() and (expected != 0).any()  # both sides of the edge seen
+
+
+def test_sample_many_at_shares_positions_between_image_and_labels():
+    shape = (9, 10, 11)
+    img = smooth_image(shape)
+    labels = torch.randint(0, 6, (1, 1, *shape)).double()
+    m = random_affine(4, 0.1, 2.5)
+    p = spatial.identity_grid(shape, dtype=torch.float64)
+    coords = apply_reference(m, p)
+    warped, lab = spatial.sample_many_at(
+        [(img, "linear"), (labels, "nearest")], None, m, shape=shape
+    )
+    assert (warped - spatial.sample(img, coords, "linear", "itk")).abs().max() < 1e-12
+    assert torch.equal(lab, spatial.sample(labels, coords, "nearest", "itk"))
+    with pytest.raises(ValueError, match="same spatial shape"):
+        spatial.sample_many_at(
+            [(img, "linear"), (labels[..., :-1], "nearest")], None, m, shape=shape
+        )
+
+
+def test_resample_affine_matches_simpleitk():
+    """A 3-vector field resampled through an affine: what sitk.Resample gives per component."""
+    shape_in, shape_out = (8, 9, 10), (6, 7, 5)
+    img = smooth_image(shape_in)
+    m = random_affine(5, 0.1, 1.0)
+    ours = spatial.resample_affine(img, m, shape_out, "linear", "itk")[0, 0].numpy()
+    # index (z, y, x) -> index (z, y, x) as an ITK affine on (x, y, z) unit-spacing points
+    flip = np.eye(4)[[2, 1, 0, 3]]
+    xyz = flip @ m @ flip
+    transform = sitk.AffineTransform(xyz[:3, :3].ravel().tolist(), xyz[:3, 3].tolist())
+    ref = sitk.Image([int(n) for n in shape_out[::-1]], sitk.sitkFloat64)
+    moving = sitk.GetImageFromArray(img[0, 0].numpy())
+    expected = sitk.Resample(moving, ref, transform, sitk.sitkLinear, 0.0)
+    assert np.abs(ours - sitk.GetArrayFromImage(expected)).max() < 1e-9
+
+
+def test_fast_warp_equals_the_reference_warp_with_gradients():
+    shape = (9, 10, 8)
+    img = smooth_image(shape).repeat(2, 1, 1, 1, 1)
+    disp = smooth_field(shape, 2.0).repeat(2, 1, 1, 1, 1).requires_grad_()
+    fast = spatial.warp(img, disp)
+    ref_disp = disp.detach().clone().requires_grad_()
+    ref = spatial.sample(img, spatial.identity_grid(shape, dtype=torch.float64) + ref_disp)
+    assert (fast - ref).abs().max() < 1e-12
+    fast.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(disp.grad, ref_disp.grad, atol=1e-10)
+    single = spatial.warp(img, disp[:1].detach())  # one field for a batch of images
+    assert torch.allclose(single, fast.detach(), atol=1e-12)
+
+
+def test_jacobian_with_a_base_matrix_is_the_determinant_of_the_composed_map():
+    """det(B + grad u) by cofactors equals torch.linalg.det on every voxel, edges included."""
+    u = smooth_field((6, 7, 5), 1.5, seed=6)
+    b = random_affine(7, 0.3)[:3, :3]
+    grad = spatial.spatial_gradient(u)[0]  # (3 rows, 3 cols, D, H, W)
+    full = grad.permute(2, 3, 4, 0, 1) + torch.as_tensor(b)
+    expected = torch.linalg.det(full)
+    assert torch.allclose(spatial.jacobian_determinant(u, base=b)[0, 0], expected, atol=1e-12)
+    identity = torch.linalg.det(grad.permute(2, 3, 4, 0, 1) + torch.eye(3, dtype=u.dtype))
+    assert torch.allclose(spatial.jacobian_determinant(u)[0, 0], identity, atol=1e-12)
