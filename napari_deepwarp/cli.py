@@ -592,18 +592,17 @@ def cmd_demo(args) -> int:
             print("no display found: not opening napari (results are in the output folder)")
         return 0
     import napari
+    from napari.layers import Layer
 
     from napari_deepwarp.core.io import read_volume
+    from napari_deepwarp.layers import layer_data
 
     viewer = napari.Viewer(title="napari-deepwarp demo")
     viewer.open_sample("napari-deepwarp", "sample_pair")
     warped = read_volume(Path(args.output) / "warped.nii.gz")
-    viewer.add_image(
-        warped.array,
-        name="warped moving (deepwarp demo)",
-        colormap="magenta",
-        blending="additive",
-        affine=warped.grid.napari_affine(),
+    warped.name = "warped moving (deepwarp demo)"
+    viewer.add_layer(
+        Layer.create(*layer_data(warped, "image", colormap="magenta", blending="additive"))
     )
     viewer.layers["sample moving"].visible = False
     # the dock widget, with the sample pair already chosen: Run registers it again, live

@@ -9,20 +9,87 @@ use it to write Image and Labels layers with their geometry.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 
 from napari_deepwarp.core.io import read_image, read_volume
-from napari_deepwarp.core.volume import Volume
+from napari_deepwarp.core.volume import Grid, Volume
 
 LABEL_WORDS = ("label", "seg", "mask", "aseg", "parc")
 
 
+def display_order(grid: Grid) -> tuple[int, int, int]:
+    """``order[r]``: the array axis that :func:`for_display` puts at data axis ``r`` (the one
+    running closest to world axis ``r``, z y x)."""
+    weight = np.abs(grid.napari_affine()[:3, :3])
+    return max(
+        itertools.permutations(range(3)), key=lambda o: sum(weight[r, o[r]] for r in range(3))
+    )
+
+
+def for_display(array: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` on ``grid`` as napari should get it: ``(view, affine)``.
+
+    napari slices along data axes and draws the two displayed ones with the matching 2x2 block of
+    the layer's affine, so a scan whose axes are permuted against the world (a sagittal brain:
+    index z runs along world x) would have a singular block and fail to draw. The view is the
+    array with its first three axes permuted and flipped so that each runs along the world axis
+    closest to it, positively (as nibabel's ``as_closest_canonical``); ``affine`` is the 4x4 data
+    ``(z, y, x)`` -> world ``(z, y, x)`` mm map of the view, so every voxel stays where it is in
+    space and any residual obliquity is kept. No copy is made.
+    """
+    a = grid.napari_affine()
+    order = display_order(grid)
+    view = np.transpose(array, (*order, *range(3, array.ndim)))
+    to_old = np.zeros((4, 4))
+    to_old[3, 3] = 1.0
+    flips = []
+    for r, axis in enumerate(order):
+        sign = 1.0 if a[r, axis] >= 0 else -1.0
+        to_old[axis, r] = sign
+        if sign < 0:
+            to_old[axis, 3] = grid.shape[axis] - 1
+            flips.append(r)
+    if flips:
+        view = np.flip(view, axis=tuple(flips))
+    return view, a @ to_old
+
+
 def layer_data(vol: Volume, layer_type: str = "image", **kwargs) -> tuple:
-    """``(data, metadata, layer_type)`` for napari, with the volume's physical placement."""
-    meta = {"name": vol.name, "affine": vol.grid.napari_affine(), **kwargs}
-    return vol.array, meta, layer_type
+    """``(data, metadata, layer_type)`` for napari, with the volume's physical placement
+    (see :func:`for_display`). ``metadata["deepwarp_display"]`` records the reorientation, so
+    that :func:`volume_from_layer` gives back the volume on its own grid, voxel for voxel."""
+    data, affine = for_display(vol.array, vol.grid)
+    metadata = {**kwargs.pop("metadata", {}), DISPLAY_KEY: display_record(vol.grid)}
+    meta = {"name": vol.name, "affine": affine, "metadata": metadata, **kwargs}
+    return data, meta, layer_type
+
+
+DISPLAY_KEY = "deepwarp_display"
+
+
+def display_record(grid: Grid) -> dict:
+    """How :func:`for_display` reorients arrays on ``grid``: the axis order and the flips."""
+    a = grid.napari_affine()
+    order = display_order(grid)
+    return {"order": list(order), "flips": [r for r, ax in enumerate(order) if a[r, ax] < 0]}
+
+
+def undo_display(view: np.ndarray, matrix: np.ndarray, record: dict):
+    """The array and its 4x4 data -> world matrix before :func:`for_display` (exact inverse)."""
+    order, flips = record["order"], record["flips"]
+    array = np.flip(view, axis=tuple(flips)) if flips else view
+    inverse = np.argsort(order)
+    array = np.transpose(array, (*inverse, *range(3, array.ndim)))
+    to_old = np.zeros((4, 4))
+    to_old[3, 3] = 1.0
+    for r, axis in enumerate(order):
+        to_old[axis, r] = -1.0 if r in flips else 1.0
+        if r in flips:
+            to_old[axis, 3] = array.shape[axis] - 1
+    return array, matrix @ np.linalg.inv(to_old)
 
 
 def data_to_world(
@@ -74,7 +141,11 @@ def volume_from_layer(layer) -> Volume:
     data = layer.data
     if getattr(layer, "multiscale", False):
         data = data[0]
-    return volume_from_matrix(np.asarray(data), matrix, layer.name)
+    data = np.asarray(data)
+    record = (getattr(layer, "metadata", None) or {}).get(DISPLAY_KEY)
+    if record is not None and data.ndim == 3:
+        data, matrix = undo_display(data, matrix, record)
+    return volume_from_matrix(data, matrix, layer.name)
 
 
 def volume_from_layer_data(data, meta: dict) -> Volume:
@@ -88,15 +159,24 @@ def volume_from_layer_data(data, meta: dict) -> Volume:
         meta.get("shear"),
         ndim,
     )
-    return volume_from_matrix(np.asarray(data), matrix, meta.get("name", ""))
+    data = np.asarray(data)
+    record = (meta.get("metadata") or {}).get(DISPLAY_KEY)
+    if record is not None and data.ndim == 3:
+        data, matrix = undo_display(data, matrix, record)
+    return volume_from_matrix(data, matrix, meta.get("name", ""))
 
 
 def looks_like_labels(path: Path, array: np.ndarray) -> bool:
-    """Integer files whose name says label/seg/mask, or with few distinct values, are labels."""
-    if not np.issubdtype(array.dtype, np.integer):
-        return False
+    """Label maps: integer files whose name says label/seg/mask/aseg/parc or with few distinct
+    values, and float files so named whose values are all whole numbers (some tools, e.g.
+    Mindboggle's, store label maps as float32)."""
+    sample = np.asarray(array).ravel()[:: max(1, array.size // 200_000)]
     named = any(word in path.name.lower() for word in LABEL_WORDS)
-    return named or len(np.unique(array[:: max(1, array.size // 200_000)])) <= 64
+    if np.issubdtype(array.dtype, np.integer):
+        return named or len(np.unique(sample)) <= 64
+    if named and np.issubdtype(array.dtype, np.floating):
+        return bool(np.all(np.isfinite(array)) and np.all(np.mod(array, 1) == 0))
+    return False
 
 
 def read_layers(path: str | Path) -> list[tuple]:

@@ -1,6 +1,7 @@
 """napari-facing data (no viewer): the manifest, the reader and the sample pair, in physical space."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from napari_deepwarp.cli import main
@@ -63,3 +64,44 @@ def test_demo_registers_the_sample_pair(tmp_path, capsys):
     )
     assert (tmp_path / "warped.nii.gz").exists() and (tmp_path / "metrics.json").exists()
     assert "Dice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("direction", ["sagittal", "oblique"])
+def test_permuted_scans_display_and_come_back_voxel_for_voxel(direction):
+    """A sagittal scan (index z along world x) must not give napari a singular 2D block, and
+    reading the layer back must give the original grid and array exactly."""
+    from napari_deepwarp.core.volume import Grid, Volume
+    from napari_deepwarp.layers import layer_data, volume_from_layer_data
+
+    d = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # Mindboggle's
+    if direction == "oblique":
+        c, s = np.cos(0.2), np.sin(0.2)
+        d = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ d
+    grid = Grid((5, 6, 7), (1.0, 1.5, 2.0), (3.0, -4.0, 5.0), d)
+    array = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    data, meta, _ = layer_data(Volume.on_grid(array, grid, "scan"), "image")
+    linear = meta["affine"][:3, :3]
+    assert np.all(np.diag(linear) > 0.9 * np.abs(linear).max(axis=1))  # near-diagonal, positive
+    for idx in ([0, 0, 0], [4, 5, 6], [2, 3, 1]):  # every voxel stays where it is in space
+        world = grid.index_to_world_matrix() @ [*idx, 1.0]
+        view_idx = np.linalg.solve(meta["affine"], [*world[:3][::-1], 1.0])[:3]
+        assert np.allclose(view_idx, np.round(view_idx), atol=1e-6)
+        assert data[tuple(np.round(view_idx).astype(int))] == array[tuple(idx)]
+    back = volume_from_layer_data(data, meta)
+    assert back.grid.same_as(grid) and np.array_equal(back.array, array)
+
+
+def test_float_label_files_open_as_labels(tmp_path):
+    """Mindboggle stores label maps as float32: whole numbers in a file named like labels."""
+    import SimpleITK as sitk
+
+    from napari_deepwarp.layers import read_layers
+
+    labels = np.zeros((4, 5, 6), np.float32)
+    labels[1:3, 2:4, 1:5] = 1035.0
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "sub1_labels.nii.gz"))
+    smooth = labels + 0.5
+    sitk.WriteImage(sitk.GetImageFromArray(smooth), str(tmp_path / "sub1_seg_prob.nii.gz"))
+    ((data, _, kind),) = read_layers(tmp_path / "sub1_labels.nii.gz")
+    assert kind == "labels" and np.issubdtype(data.dtype, np.integer) and data.max() == 1035
+    assert read_layers(tmp_path / "sub1_seg_prob.nii.gz")[0][2] == "image"

@@ -11,6 +11,7 @@ import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
 from napari_deepwarp.core.volume import Grid, Volume
+from napari_deepwarp.layers import display_order, for_display
 
 #: the result layers of a run, in the order they are added (the last one is drawn on top)
 KINDS = (
@@ -68,10 +69,19 @@ def grid_lines(
     return out.reshape(grid.shape)
 
 
-def _meta(name: str, grid: Grid, run: int, kind: str, **kwargs) -> dict:
+def grid_mask(result, spacing_mm: float, displayed_axes: tuple[int, ...]) -> np.ndarray:
+    """The deformation grid on the fixed array (uint8, 1 on the lines), drawn for the displayed
+    data axes of the layers (which :func:`layers.for_display` may have permuted)."""
+    order = display_order(result.fixed.grid)
+    axes = tuple(order[a] for a in displayed_axes)
+    lines = grid_lines(result.displacement, result.fixed.grid, spacing_mm, axes)
+    return (lines > 0.5).astype(np.uint8)
+
+
+def _meta(name: str, affine: np.ndarray, run: int, kind: str, **kwargs) -> dict:
     return {
         "name": name,
-        "affine": grid.napari_affine(),
+        "affine": affine,
         "metadata": {"deepwarp": {"run": run, "kind": kind}},
         **kwargs,
     }
@@ -99,7 +109,8 @@ def run_layers(
     out: dict[str, tuple] = {}
 
     def add(kind, data, layer_type="image", grid=fixed, **kwargs):
-        out[kind] = (data, _meta(f"{prefix} · {kind}", grid, run, kind, **kwargs), layer_type)
+        view, affine = for_display(data, grid)
+        out[kind] = (view, _meta(f"{prefix} · {kind}", affine, run, kind, **kwargs), layer_type)
 
     lo, hi = np.percentile(result.warped.array, (0.5, 99.5))
     add(
@@ -138,8 +149,13 @@ def run_layers(
         colormap=DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "red"}),
         opacity=0.9,
     )
-    lines = grid_lines(result.displacement, fixed, grid_spacing_mm, grid_axes) > 0.5
-    add("grid", lines.astype(np.uint8), "labels", colormap=GRID_COLORS, opacity=0.8)
+    add(
+        "grid",
+        grid_mask(result, grid_spacing_mm, grid_axes),
+        "labels",
+        colormap=GRID_COLORS,
+        opacity=0.8,
+    )
     if result.warped_labels is not None:
         add("labels moving→fixed", result.warped_labels.array, "labels", visible=False)
     if inverse_labels is not None:

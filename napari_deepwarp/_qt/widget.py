@@ -45,7 +45,7 @@ from napari_deepwarp.core.models.registry import available_models
 from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
 from napari_deepwarp.core.progress import STOP
 from napari_deepwarp.core.refine import RefineSettings
-from napari_deepwarp.layers import LABEL_WORDS, data_to_world, volume_from_layer
+from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volume_from_layer
 
 from .compare import CompareRuns
 from .loss_plot import LossPlot
@@ -630,10 +630,10 @@ class DeepwarpWidget(QWidget):
             self._show_preview(preview)
 
     def _show_preview(self, vol) -> None:
-        affine = vol.grid.napari_affine()
+        data, affine = for_display(vol.array, vol.grid)
         if self.preview_layer is None or self.preview_layer not in self.viewer.layers:
             self.preview_layer = self.viewer.add_image(
-                vol.array,
+                data,
                 name="deepwarp · live preview",
                 colormap="magenta",
                 blending="additive",
@@ -641,7 +641,7 @@ class DeepwarpWidget(QWidget):
                 metadata={"deepwarp": {"kind": "preview"}},
             )
         else:
-            self.preview_layer.data = vol.array
+            self.preview_layer.data = data
             self.preview_layer.affine = affine
 
     def _drop_preview(self) -> None:
@@ -764,14 +764,14 @@ class DeepwarpWidget(QWidget):
             fixed.visible = view == "overlay"
 
     def _regrid(self, spacing: float) -> None:
-        from .result_layers import grid_lines
+        from .result_layers import grid_mask
 
         record = self.current
         if record is None or "grid" not in record.layers:
             return
         axes = tuple(self.viewer.dims.order[-2:])
-        lines = grid_lines(record.result.displacement, record.result.fixed.grid, spacing, axes)
-        record.layers["grid"].data = (lines > 0.5).astype(np.uint8)
+        mask = grid_mask(record.result, spacing, axes)
+        record.layers["grid"].data = for_display(mask, record.result.fixed.grid)[0]
 
     # --- export ---------------------------------------------------------------------------
     def export_csv(self, path=None):
