@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "markdown": table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 

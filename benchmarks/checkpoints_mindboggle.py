@@ -132,10 +132,10 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     table = markdown(report)
     text = f"`{report['command']}`\n\n{report['machine']}\n\n{table}\n"
-    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
     print(text)
 
 

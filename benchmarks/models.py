@@ -71,9 +71,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps({"command": command, "where": where, "rows": rows}, indent=2)
+        json.dumps({"command": command, "where": where, "rows": rows}, indent=2), encoding="utf-8"
     )
-    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    out.with_suffix(".md").write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))
 
 

@@ -49,7 +49,7 @@ def run_pair(fixed: int, moving: int, extra: list[str]) -> dict:
         wall = time.perf_counter() - start
         if code != 0:
             raise SystemExit(f"deepwarp register failed on pair {fixed}:{moving}")
-        metrics = json.loads((Path(out) / "metrics.json").read_text())
+        metrics = json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
     return {
         "pair": f"{fixed}<-{moving}",
         "labels": len(metrics["labels_after"]),
@@ -116,9 +116,9 @@ def main() -> None:
         + " ".join([f"--pairs {args.pairs}", *extra]),
         "rows": rows,
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     table = markdown(rows)
-    out.with_suffix(".md").write_text(f"`{report['command']}`\n\n{table}\n")
+    out.with_suffix(".md").write_text(f"`{report['command']}`\n\n{table}\n", encoding="utf-8")
     print(table)
 
 

@@ -63,7 +63,7 @@ def median_time(fn, repeats: int, device="cpu", warmup: int = 1) -> dict:
 def _status_mib(field: str) -> float | None:
     """``VmRSS``/``VmHWM`` of this process from /proc (Linux), MiB; None elsewhere."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith(field + ":"):
                 return float(line.split()[1]) / 1024.0
     except OSError:
@@ -74,7 +74,7 @@ def _status_mib(field: str) -> float | None:
 def _reset_peak_rss() -> bool:
     """Reset the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
         return True
     except OSError:
         return False
@@ -125,7 +125,7 @@ def machine_info(threads: int) -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -400,7 +400,7 @@ def worker_register(pair: str, device: str, threads: int, max_size: int) -> dict
         wall = time.perf_counter() - start
         if code != 0:
             raise RuntimeError(f"deepwarp register exited with {code}")
-        metrics = json.loads((Path(out) / "metrics.json").read_text())
+        metrics = json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
     return {
         "command": "deepwarp " + " ".join(a if "/" not in a else Path(a).name for a in args),
         "wall_s": wall,
@@ -602,12 +602,16 @@ def plot(report: dict, path: Path) -> bool:
 
 
 def update_readme(table: str) -> None:
-    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    text = (
+        README.read_text(encoding="utf-8")
+        if README.exists()
+        else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    )
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1] if END in rest else ""
-    README.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+    README.write_text(f"{head}{BEGIN}\n{table}{END}{tail}", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{tool}: {report['classical'][tool]}")
     report["total_s"] = time.perf_counter() - t_all
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    (args.out / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     table = markdown(report)
-    (args.out / "results.md").write_text(table)
+    (args.out / "results.md").write_text(table, encoding="utf-8")
     plotted = plot(report, args.out / "results.png") if report["models"] else False
     print(table)
     print(

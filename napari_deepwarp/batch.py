@@ -59,7 +59,7 @@ def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such pairs file; give a CSV of fixed,moving[,...] rows")
     base = csv_path.resolve().parent
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     if rows and rows[0] and rows[0][0].strip().lower() == "fixed":
         rows = rows[1:]
@@ -147,7 +147,7 @@ def _row(pair: Pair, status: str, metrics: dict | None = None, seconds=None, mes
 
 def _write_csv(path: Path, rows: list[dict], header_note: str | None = None) -> None:
     tmp = path.with_name(f".partial-{path.name}")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         if header_note:
             f.write(f"# {header_note}\n")
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
@@ -157,7 +157,7 @@ def _write_csv(path: Path, rows: list[dict], header_note: str | None = None) -> 
 
 
 def _read_csv(path: Path) -> tuple[str | None, list[dict]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         first = f.readline()
         note = first[2:].strip() if first.startswith("# ") else None
         if note is None:

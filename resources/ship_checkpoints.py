@@ -31,7 +31,7 @@ def main() -> None:
     measured = {}
     command = None
     if args.benchmark:
-        report = json.loads(Path(args.benchmark).read_text())
+        report = json.loads(Path(args.benchmark).read_text(encoding="utf-8"))
         command = report["command"]
         measured = {
             Path(e["path"]).name: e["results"] for e in report["checkpoints"] if "path" in e

@@ -30,12 +30,12 @@ def pairs_csv(tmp_path):
         f"{paths['fixed']},{paths['moving']},,,third",
     ]
     path = tmp_path / "pairs.csv"
-    path.write_text("\n".join(rows) + "\n")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
 def summary(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return {r["name"]: r for r in csv.DictReader(f)}
 
 
@@ -46,7 +46,9 @@ def test_read_pairs_resolves_relative_paths_and_flags_bad_rows(pairs_csv, tmp_pa
     assert pairs[0].moving_labels == tmp_path / "data" / "moving_labels.nii.gz"
     assert pairs[2].fixed_labels is None and all(p.error is None for p in pairs)
     bad = tmp_path / "bad.csv"
-    bad.write_text("a.nii.gz\na.nii.gz,b.nii.gz,c.nii.gz\nx,y,,,n\nx,y,,,n\nx,y,,,../up\n")
+    bad.write_text(
+        "a.nii.gz\na.nii.gz,b.nii.gz,c.nii.gz\nx,y,,,n\nx,y,,,n\nx,y,,,../up\n", encoding="utf-8"
+    )
     errors = [p.error for p in read_pairs(bad)]
     assert "fixed and moving" in errors[0] and "both label maps" in errors[1]
     assert errors[2] is None and "earlier row" in errors[3] and "plain folder" in errors[4]
@@ -87,7 +89,7 @@ def test_batch_equals_register_and_exits_0_when_all_rows_are_good(tmp_path):
     p = sample_pair_paths()
     pairs = tmp_path / "pairs.csv"
     row = f"{p['fixed']},{p['moving']},{p['fixed_labels']},{p['moving_labels']}"
-    pairs.write_text(f"{row},x\n{row},y\n")
+    pairs.write_text(f"{row},x\n{row},y\n", encoding="utf-8")
     method = ["-q", "--model", "voxelmorph", "--no-affine", "--refine", "5", "--max-size", "32"]
     method += ["--device", "cpu"]
     out = tmp_path / "out"
@@ -97,9 +99,9 @@ def test_batch_equals_register_and_exits_0_when_all_rows_are_good(tmp_path):
     args = ["register", str(p["fixed"]), str(p["moving"]), "-o", str(single)]
     args += ["--fixed-labels", str(p["fixed_labels"]), "--moving-labels", str(p["moving_labels"])]
     assert main([*args, *method]) == 0
-    one = json.loads((single / "metrics.json").read_text())
+    one = json.loads((single / "metrics.json").read_text(encoding="utf-8"))
     for name in ("x", "y"):
-        batch = json.loads((out / name / "metrics.json").read_text())
+        batch = json.loads((out / name / "metrics.json").read_text(encoding="utf-8"))
         assert batch["refine_steps"] == 5
         for key in ("mean_dice_after", "folding_percent", "ncc_after"):
             assert batch[key] == pytest.approx(one[key], abs=1e-9), (name, key)

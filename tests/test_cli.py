@@ -95,7 +95,7 @@ def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
         assert img.GetSize() == fixed.GetSize()
         assert np.allclose(img.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
         assert np.allclose(img.GetDirection(), fixed.GetDirection(), atol=1e-5)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["device"] == "cpu" and "mean_dice_after" in metrics
     assert "labels_after" in metrics and metrics["seconds"]["total"] > 0
 
@@ -126,7 +126,7 @@ def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
 def test_affine_only_is_a_method(pair):
     d, f, m = pair
     assert main(["register", str(f), str(m), "-o", str(d / "aff"), "--model", "affine", "-q"]) == 0
-    metrics = json.loads((d / "aff" / "metrics.json").read_text())
+    metrics = json.loads((d / "aff" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["model"] == "affine" and metrics["working_grid"] is None
 
 
@@ -250,7 +250,7 @@ def test_every_model_registers_from_the_command_line(pair, model, one_thread):
         ]
     )
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["model"] == model and metrics["finetune_steps"] == 2
     field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
     assert np.isfinite(field).all()
@@ -280,7 +280,7 @@ def test_register_with_field_refinement(pair):
         ]
     )
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["refine_steps"] == 6 and metrics["seconds"]["refine"] > 0
 
 
@@ -295,10 +295,10 @@ def test_supervision_options(pair, capsys):
     assert main([*base, "-o", str(d / "b"), *labels, "--labels-weight", "1"]) == 2
     assert "--refine STEPS" in capsys.readouterr().err
     points = d / "points.csv"
-    points.write_text("x,y,z\n10,12,14\n20,15,16\n")
+    points.write_text("x,y,z\n10,12,14\n20,15,16\n", encoding="utf-8")
     run = [*base, "-o", str(d / "c"), *labels, "--labels-weight", "1", "--refine", "4"]
     assert main([*run, "--landmarks", str(points), str(points)]) == 0
-    metrics = json.loads((d / "c" / "metrics.json").read_text())
+    metrics = json.loads((d / "c" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["tre_before_mm"] == 0.0 and metrics["tre_after_mm"] >= 0.0
     assert metrics["refine_steps"] == 4
 
@@ -333,7 +333,7 @@ def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, 
     assert "validation Dice 0.500" in out and "no shipped checkpoint" in out  # other models
     d, f, m = pair
     assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
-    metrics = json.loads((d / "o" / "metrics.json").read_text())
+    metrics = json.loads((d / "o" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["model"] == "voxelmorph"
     assert max(metrics["working_grid"]["shape_zyx"]) == 32  # the checkpoint's training size
     tuned = d / "tuned.pt"
@@ -346,4 +346,11 @@ def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, 
     assert "--save-finetuned needs --finetune" in capsys.readouterr().err
     none = ["register", str(f), str(m), "-o", str(d / "n"), "--checkpoint", "none", "-q"]
     assert main([*none, "--device", "cpu"]) == 0
-    assert max(json.loads((d / "n" / "metrics.json").read_text())["working_grid"]["shape_zyx"]) > 32
+    assert (
+        max(
+            json.loads((d / "n" / "metrics.json").read_text(encoding="utf-8"))["working_grid"][
+                "shape_zyx"
+            ]
+        )
+        > 32
+    )

@@ -56,7 +56,7 @@ class CopyableTable(QTableWidget):
 
     def write_csv(self, path) -> Path:
         path = Path(path)
-        with path.open("w", newline="") as fh:
+        with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(self.headers())
             writer.writerows(self.rows())

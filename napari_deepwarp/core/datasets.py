@@ -99,7 +99,7 @@ def scan_folder(folder: Path) -> list[Entry]:
 def read_pairs_csv(path: Path) -> tuple[list[Entry], list[tuple[int, int]] | None]:
     """A CSV with a header: ``image[,labels]`` (one volume per row, random pairs) or
     ``fixed,moving[,fixed_labels,moving_labels]`` (listed pairs). Paths relative to the CSV."""
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         raise InputError(f"{path}: no rows; give a header line and one volume or pair per row")

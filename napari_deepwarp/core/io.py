@@ -255,7 +255,7 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such landmark file")
-    text = path.read_text(errors="replace").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
     slicer = path.suffix.lower() == ".fcsv"
     ras = slicer and not any("CoordinateSystem" in ln and "LPS" in ln for ln in text)
     rows = [r for r in csv.reader(ln for ln in text if ln.strip() and not ln.startswith("#"))]

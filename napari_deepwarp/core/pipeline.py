@@ -535,7 +535,9 @@ def write_result(result: RegistrationResult, outdir) -> list:
         io.write_field(result.displacement, grid, staging / "displacement.nii.gz")
         field = io.field_to_sitk(result.deformation, grid)
         io.write_transform(io.composite_transform(result.affine, field), staging / "transform.h5")
-        (staging / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        (staging / "metrics.json").write_text(
+            json.dumps(result.metrics, indent=2), encoding="utf-8"
+        )
         written = []
         for f in sorted(staging.iterdir()):
             target = outdir / f.name

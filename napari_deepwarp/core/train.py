@@ -241,9 +241,11 @@ def _trim_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [
-        ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step
+        ln
+        for ln in path.read_text(encoding="utf-8").splitlines()
+        if ln and json.loads(ln)["step"] <= last_step
     ]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
 def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
@@ -303,7 +305,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
             _trim_log(log_path(settings), start)
         elif log_path(settings).exists():
             log_path(settings).unlink()
-    log = open(log_path(settings), "a") if dist.main else None  # noqa: SIM115
+    log = open(log_path(settings), "a", encoding="utf-8") if dist.main else None  # noqa: SIM115
     running, t0 = None, time.perf_counter()
     try:
         for step in range(start + 1, settings.steps + 1):

@@ -79,7 +79,9 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     warped = read_volume(tmp_path / "out" / "warped.nii.gz")
     assert warped.grid.same_as(record.result.fixed.grid)
     assert w.export_field(tmp_path / "field.nrrd").exists()
-    assert w.export_csv(tmp_path / "m.csv").read_text().startswith("quantity,before")
+    assert (
+        w.export_csv(tmp_path / "m.csv").read_text(encoding="utf-8").startswith("quantity,before")
+    )
 
 
 def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget, qtbot):

@@ -45,7 +45,7 @@ def test_widget_dice_equals_the_command_line(open_widget, notes, qtbot, tmp_path
     args += ["--fixed-labels", str(paths["fixed labels"]), "--moving-labels"]
     args += [str(paths["moving labels"]), "--checkpoint", "none", "--no-affine", "--refine", "20"]
     assert main([*args, "--max-size", "32", "--device", "cpu", "-q"]) == 0
-    cli_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    cli_metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     for key in ("mean_dice_before", "mean_dice_after", "mean_jaccard_after"):
         assert widget_metrics[key] == pytest.approx(cli_metrics[key], abs=1e-4), key
     rows = {row[0]: row for row in w.readout.rows()}

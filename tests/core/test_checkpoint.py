@@ -164,7 +164,7 @@ def test_missing_card_field_is_refused(tmp_path):
 
 def test_non_checkpoint_files_are_refused(tmp_path):
     text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint\n")
+    text.write_text("not a checkpoint\n", encoding="utf-8")
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(3)}, plain)
     pickled = tmp_path / "pickled.pt"

@@ -92,7 +92,7 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(io.InputError, match="no such file"):
         io.read_volume(tmp_path / "nope.nii.gz")
     bad = tmp_path / "bad.nii.gz"
-    bad.write_text("not an image")
+    bad.write_text("not an image", encoding="utf-8")
     with pytest.raises(io.InputError, match="cannot read"):
         io.read_volume(bad)
 
@@ -194,9 +194,9 @@ def test_landmarks_from_csv_with_and_without_header_and_from_slicer(tmp_path):
     from napari_deepwarp.core.io import InputError, read_landmarks
 
     plain = tmp_path / "plain.csv"
-    plain.write_text("1.5,2,3\n-4,5,6.25\n")
+    plain.write_text("1.5,2,3\n-4,5,6.25\n", encoding="utf-8")
     named = tmp_path / "named.csv"
-    named.write_text("label,z,y,x\na,3,2,1.5\nb,6.25,5,-4\n")
+    named.write_text("label,z,y,x\na,3,2,1.5\nb,6.25,5,-4\n", encoding="utf-8")
     expected = np.array([[1.5, 2, 3], [-4, 5, 6.25]])
     assert np.array_equal(read_landmarks(plain), expected)
     assert np.array_equal(read_landmarks(named), expected)
@@ -204,10 +204,11 @@ def test_landmarks_from_csv_with_and_without_header_and_from_slicer(tmp_path):
     slicer.write_text(
         "# Markups fiducial file version = 4.11\n# CoordinateSystem = 0\n"
         "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
-        "vtkMRMLMarkupsFiducialNode_0,-1.5,-2,3,0,0,0,1,1,1,0,F-1,,\n"
+        "vtkMRMLMarkupsFiducialNode_0,-1.5,-2,3,0,0,0,1,1,1,0,F-1,,\n",
+        encoding="utf-8",
     )
     assert np.array_equal(read_landmarks(slicer), [[1.5, 2.0, 3.0]])  # RAS -> LPS
     bad = tmp_path / "bad.csv"
-    bad.write_text("x,y,z\n1,two,3\n")
+    bad.write_text("x,y,z\n1,two,3\n", encoding="utf-8")
     with pytest.raises(InputError, match="x,y,z"):
         read_landmarks(bad)

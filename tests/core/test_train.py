@@ -51,7 +51,9 @@ def test_resume_continues_exactly(tmp_path, one_thread):
         straight.model.state_dict().items(), resumed.model.state_dict().values()
     ):
         assert torch.equal(a, b), name
-    log = [json.loads(ln) for ln in (tmp_path / "b.log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(ln) for ln in (tmp_path / "b.log.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if "val_dice" in r] == [2, 4]
 
@@ -74,7 +76,10 @@ def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
 
 def test_training_lowers_the_loss(tmp_path, one_thread):
     events, _ = drain(train(settings(tmp_path, steps=40, checkpoint_every=40, validate_every=40)))
-    log = [json.loads(ln) for ln in (tmp_path / "vm.log.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(ln)
+        for ln in (tmp_path / "vm.log.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     losses = [r["loss"] for r in log if "loss" in r]
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.01
     assert events[-1].stage == "train" and events[-1].loss is not None
@@ -134,7 +139,7 @@ def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one
         f"volumes/sub{j}_labels.nii.gz"
         for i, j in ((0, 1), (1, 2))
     ]
-    csv_path.write_text("\n".join(rows) + "\n")
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     s = settings(tmp_path, data=str(csv_path), validation=str(csv_path), steps=2)
     _, result = drain(train(s))
     card = read_card(tmp_path / "vm.pt")
@@ -147,7 +152,7 @@ def test_bad_data_is_refused(tmp_path):
     with pytest.raises(InputError, match="training needs two"):
         datasets.VolumeSource(tmp_path / "empty", (16, 16, 16), tmp_path / "c")
     bad = tmp_path / "bad.csv"
-    bad.write_text("path\nx.nii.gz\n")
+    bad.write_text("path\nx.nii.gz\n", encoding="utf-8")
     with pytest.raises(InputError, match="unknown columns"):
         datasets.VolumeSource(bad, (16, 16, 16), tmp_path / "c")
 
