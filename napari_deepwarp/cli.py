@@ -414,6 +414,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=1, help="pairs per step and process")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="largest gradient norm per step")
     p.add_argument(
         "--similarity",
         choices=["ncc", "lncc", "ncc_ssd", "mi", "mse"],
@@ -513,6 +514,7 @@ def cmd_train(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        grad_clip=args.grad_clip,
         similarity=args.similarity,
         reg_weight=args.reg_weight,
         labels_weight=args.labels_weight,

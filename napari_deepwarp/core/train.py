@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Generator
@@ -64,7 +65,8 @@ class TrainSettings:
     :class:`SynthSettings` fields (e.g. smaller affine jitter for pairs that the affine stage
     has already aligned); validation: None for
     synthetic labelled pairs, else a CSV/folder of labelled volumes; cache: folder for
-    preprocessed real pairs (default: next to ``output``); time_limit_s: stop (and save) after the
+    preprocessed real pairs (default: next to ``output``); grad_clip: largest gradient norm (a
+    step with a non-finite loss or gradient is skipped); time_limit_s: stop (and save) after the
     first step past this many seconds of this run, so a training fits a time budget."""
 
     model: str = "voxelmorph"
@@ -76,6 +78,7 @@ class TrainSettings:
     steps: int = 1000
     batch_size: int = 1
     learning_rate: float = 1e-4
+    grad_clip: float = 10.0
     similarity: str | None = None
     reg_weight: float = 1.0
     labels_weight: float = 0.0
@@ -306,7 +309,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
         elif log_path(settings).exists():
             log_path(settings).unlink()
     log = open(log_path(settings), "a", encoding="utf-8") if dist.main else None  # noqa: SIM115
-    running, t0 = None, time.perf_counter()
+    running, t0, skipped = None, time.perf_counter(), 0
     try:
         for step in range(start + 1, settings.steps + 1):
             batch = source.batch(step, dist.rank, settings.batch_size, dist.device)
@@ -314,8 +317,15 @@ def _train(settings: TrainSettings, dist: _Distributed):
             output_ = net(batch["moving"], batch["fixed"])
             loss, terms = objective(output_, batch)
             loss.backward()
-            optimiser.step()
             value = float(loss.detach())
+            # A spike must not wreck a long run: clip the gradient norm, and skip a step whose
+            # loss or gradient is not finite (every process skips it: DDP averaged the grads).
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            if math.isfinite(value) and bool(torch.isfinite(norm)):
+                optimiser.step()
+            else:
+                skipped += 1
+                terms = {**terms, "skipped_steps": skipped}
             out_of_time = _out_of_time(settings, t0, dist)
             last = step == settings.steps or out_of_time
             running = value if running is None else 0.95 * running + 0.05 * value
@@ -387,6 +397,7 @@ def _card(
             "steps": step,
             "batch_size": settings.batch_size * dist.world,
             "learning_rate": settings.learning_rate,
+            "grad_clip": settings.grad_clip,
             "command": settings.command,
             "hardware": hardware(dist.device) + world,
             "duration_s": round(seconds, 1),

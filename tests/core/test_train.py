@@ -193,3 +193,17 @@ def test_two_processes_under_torchrun(tmp_path):
     assert "x 2 processes" in card["training"]["hardware"]
     assert card["training"]["batch_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.log.jsonl", "ddp.pt", "ddp.state.pt"]
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped(tmp_path, one_thread):
+    """A diverging batch must not poison the weights: the step is skipped and logged."""
+    s = settings(tmp_path, steps=2, config={"reg_weight": float("nan")})
+    _, result = drain(train(s))
+    torch.manual_seed(s.seed)
+    from napari_deepwarp.core.models.registry import create_model
+
+    untouched = create_model("voxelmorph", reg_weight=float("nan"))
+    for (name, a), b in zip(result.model.state_dict().items(), untouched.state_dict().values()):
+        assert torch.equal(a, b), name
+    log = [json.loads(ln) for ln in (tmp_path / "vm.log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in log if "loss" in r] == [1, 2]
