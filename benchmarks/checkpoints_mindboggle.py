@@ -35,12 +35,16 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return [tuple(map(int, p.split(":"))) for p in text.split(",") if p]
 
 
-def measure(checkpoint: Path | None, pairs, finetune_pairs, finetune_steps, device: str) -> dict:
+def measure(
+    checkpoint: Path | None, pairs, finetune_pairs, finetune_steps, device: str, refine_pairs=None
+) -> dict:
     """Mean Dice, folding and wall seconds of each variant for one checkpoint (None: affine)."""
     base = ["--device", device]
     base += ["--model", "affine"] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     variants = {"inference": VARIANTS["inference"]} if checkpoint is None else dict(VARIANTS)
     runs: dict[str, list[tuple[int, int]]] = dict.fromkeys(variants, pairs)
+    if refine_pairs is not None and "refine" in runs:
+        runs["refine"] = refine_pairs
     if checkpoint is not None:
         for steps in finetune_steps:
             variants[f"finetune {steps}"] = ["--finetune", str(steps)]
@@ -88,6 +92,7 @@ def _order(variant: str) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="1:2,3:4", help="fixed:moving subject numbers")
+    parser.add_argument("--refine-pairs", help="pairs for field refinement (default: --pairs)")
     parser.add_argument("--finetune-pairs", default="1:2", help="pairs for fine-tuning ('' none)")
     parser.add_argument("--finetune-steps", default="50,200", help="comma-separated ('' none)")
     parser.add_argument("--checkpoints", nargs="*", help="checkpoint files (default: shipped)")
@@ -117,15 +122,17 @@ def main() -> None:
             f"{training['steps']} steps at {'x'.join(map(str, card['working_shape']))}, "
             f"{training['duration_s'] / 60:.0f} min"
         )
-        results = measure(path, pairs, finetune_pairs, steps, args.device)
+        refine_pairs = None if args.refine_pairs is None else parse_pairs(args.refine_pairs)
+        results = measure(path, pairs, finetune_pairs, steps, args.device, refine_pairs)
         entries.append(
             {"name": path.name, "path": str(path), "trained": trained, "results": results}
         )
         print(path.name, {k: round(v["dice"], 3) for k, v in results.items()}, flush=True)
     report = {
         "command": "python -m benchmarks.checkpoints_mindboggle "
-        + f"--pairs {args.pairs} --finetune-pairs '{args.finetune_pairs}' "
-        + f"--finetune-steps '{args.finetune_steps}'",
+        + f"--pairs {args.pairs} --refine-pairs {args.refine_pairs or args.pairs} "
+        + f"--finetune-pairs '{args.finetune_pairs}' --finetune-steps '{args.finetune_steps}'"
+        + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
         "checkpoints": entries,

@@ -25,17 +25,19 @@ LIMIT_MB = 50.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trained", default="bench_out/train", help="folder of trained .pt")
-    parser.add_argument("--benchmark", help="JSON of benchmarks.checkpoints_mindboggle")
+    parser.add_argument(
+        "--benchmark", nargs="*", default=[], help="JSONs of benchmarks.checkpoints_mindboggle"
+    )
     parser.add_argument("--out", default=str(HERE / "checkpoints"))
     args = parser.parse_args()
-    measured = {}
-    command = None
-    if args.benchmark:
-        report = json.loads(Path(args.benchmark).read_text(encoding="utf-8"))
-        command = report["command"]
-        measured = {
-            Path(e["path"]).name: e["results"] for e in report["checkpoints"] if "path" in e
-        }
+    measured, commands = {}, {}
+    for path in args.benchmark:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        for entry in report["checkpoints"]:
+            if "path" in entry:
+                name = Path(entry["path"]).name
+                measured.setdefault(name, {}).update(entry["results"])
+                commands.setdefault(name, []).append(report["command"])
     trained = sorted(p for p in Path(args.trained).glob("*.pt") if not p.name.endswith(".state.pt"))
     best = max(
         (p for p in trained if p.name in measured),
@@ -54,8 +56,13 @@ def main() -> None:
                 metrics[f"mindboggle_folding_percent{key}"] = round(r["folding_percent"], 4)
                 metrics[f"mindboggle_seconds{key}"] = round(r["wall_s"], 1)
                 metrics["mindboggle_pairs"] = r["pairs"]
-        if command:
-            metrics["mindboggle_command"] = command
+        if path.name in commands:
+            metrics["mindboggle_commands"] = commands[path.name]
+        for variant, r in results.items():
+            if variant.startswith("finetune"):
+                steps = variant.split()[1]
+                metrics[f"mindboggle_mean_dice_finetune{steps}"] = round(r["dice"], 4)
+                metrics[f"mindboggle_seconds_finetune{steps}"] = round(r["wall_s"], 1)
         card = {**card, "metrics": metrics, "default": path == best}
         save_checkpoint(out / path.name, model, card)
         print(f"{out / path.name}: default={path == best} {metrics.get('mindboggle_mean_dice')}")
