@@ -34,6 +34,16 @@ def make_pair(size=(32, 32, 32), n_labels=8, amplitude=3.0, seed=0):
     return image, fixed, labels, fixed_labels, field
 
 
+def run_generator(gen):
+    """Drain a core progress generator: ``(events, returned value)``."""
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        return events, stop.value
+
+
 def mean_dice(a: torch.Tensor, b: torch.Tensor) -> float:
     per_label = metrics.overlap_per_label(a[0, 0].numpy(), b[0, 0].numpy())
     return float(np.mean([v["dice"] for v in per_label.values()]))

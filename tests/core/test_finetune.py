@@ -1,6 +1,7 @@
 """Instance optimisation: a copy is tuned, the source is untouched, stop and cancel work."""
 
 import torch
+from conftest import run_generator
 
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.models.blocks import gaussian_smooth
@@ -10,20 +11,13 @@ from napari_deepwarp.core.progress import Progress
 SMALL = {"enc_channels": (4, 8, 8, 8), "dec_channels": (8, 8, 8, 8, 8, 4)}
 
 
-def run(gen):
-    events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value
-
-
 def test_tunes_a_copy_and_leaves_the_source_unchanged(registration_pair, one_thread):
     moving, fixed, _moving_labels, _fixed_labels, _ = registration_pair()
     model = create_model("voxelmorph", **SMALL)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    events, result = run(finetune_network(model, moving, fixed, FinetuneSettings(steps=12)))
+    events, result = run_generator(
+        finetune_network(model, moving, fixed, FinetuneSettings(steps=12))
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert result.model is not model and result.steps_run == 12 == len(events)
     assert all(isinstance(e, Progress) and e.loss is not None for e in events)
@@ -36,7 +30,7 @@ def test_similarity_and_weight_can_replace_the_model_loss(registration_pair, one
     moving, fixed, *_ = registration_pair()
     model = create_model("voxelmorph", **SMALL)
     settings = FinetuneSettings(steps=4, similarity="mse", reg_weight=0.0, level_sigmas=())
-    events, _ = run(finetune_network(model, moving, fixed, settings))
+    events, _ = run_generator(finetune_network(model, moving, fixed, settings))
     expected_first = float(((moving - fixed) ** 2).mean())  # the untrained field is ~0
     assert abs(events[0].loss - expected_first) < 1e-3
 
@@ -45,7 +39,7 @@ def test_early_stop_when_the_loss_stops_improving(registration_pair, one_thread)
     moving, *_ = registration_pair()
     model = create_model("voxelmorph", **SMALL)
     settings = FinetuneSettings(steps=200, level_sigmas=(), patience=5, min_delta=0.5)
-    _, result = run(finetune_network(model, moving, moving, settings))
+    _, result = run_generator(finetune_network(model, moving, moving, settings))
     assert result.stopped_early and result.steps_run < 20
 
 

@@ -1,24 +1,15 @@
 """Field refinement: the field itself optimised coarse to fine."""
 
 import torch
-from conftest import mean_dice
+from conftest import mean_dice, run_generator
 
 from napari_deepwarp.core import spatial
 from napari_deepwarp.core.refine import RefineSettings, refine_field
 
 
-def run(gen):
-    events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value
-
-
 def test_refinement_from_zero_recovers_the_known_deformation(registration_pair):
     moving, fixed, moving_labels, fixed_labels, truth = registration_pair()
-    events, result = run(refine_field(moving, fixed, None, RefineSettings(steps=90)))
+    events, result = run_generator(refine_field(moving, fixed, None, RefineSettings(steps=90)))
     u = result.displacement
     assert u.shape == truth.shape
     warped = spatial.warp(moving_labels.float(), u, mode="nearest").long()
@@ -33,9 +24,13 @@ def test_refinement_from_zero_recovers_the_known_deformation(registration_pair):
 
 def test_refinement_starts_from_the_given_field(registration_pair):
     moving, fixed, *_, truth = registration_pair()
-    _, none = run(refine_field(moving, fixed, truth, RefineSettings(steps=0, levels=(1,))))
+    _, none = run_generator(
+        refine_field(moving, fixed, truth, RefineSettings(steps=0, levels=(1,)))
+    )
     assert torch.allclose(none.displacement, truth)
-    events, result = run(refine_field(moving, fixed, truth, RefineSettings(steps=3, levels=(1,))))
+    events, result = run_generator(
+        refine_field(moving, fixed, truth, RefineSettings(steps=3, levels=(1,)))
+    )
     assert len(events) == 3 and (result.displacement - truth).abs().max() < 1.0
 
 

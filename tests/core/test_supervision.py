@@ -3,22 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from conftest import mean_dice
+from conftest import mean_dice, run_generator
 
 from napari_deepwarp.core import spatial
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.refine import RefineSettings, refine_field
 from napari_deepwarp.core.supervision import Supervision, check_landmarks, supervision_on_grid
 from napari_deepwarp.core.volume import Grid, Volume
-
-
-def run(gen):
-    events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value
 
 
 def fractions(labels: torch.Tensor, shape) -> torch.Tensor:
@@ -55,8 +46,8 @@ def test_label_supervision_makes_refinement_follow_the_labels(registration_pair)
     flat = torch.zeros_like(moving)  # no image information at all: only the labels can guide
     plain = RefineSettings(steps=60, levels=(2, 1), reg_weight=0.5)
     guided = RefineSettings(steps=60, levels=(2, 1), reg_weight=0.5, labels_weight=1.0)
-    _, without = run(refine_field(flat, flat, None, plain, sup))
-    _, with_labels = run(refine_field(flat, flat, None, guided, sup))
+    _, without = run_generator(refine_field(flat, flat, None, plain, sup))
+    _, with_labels = run_generator(refine_field(flat, flat, None, guided, sup))
     assert without.displacement.abs().max() < 1e-6
     warped = spatial.warp(moving_labels.float(), with_labels.displacement, mode="nearest").long()
     assert mean_dice(fixed_labels, warped) > mean_dice(fixed_labels, moving_labels) + 0.05
@@ -114,7 +105,7 @@ def test_pipeline_reports_tre_and_landmarks_pull_the_field():
     offset = np.array([2.0, -1.5, 1.0])
     moving_points = fixed_points + offset
 
-    def run(weight):
+    def register_with(weight):
         settings = RegistrationSettings(
             model="voxelmorph",
             affine=False,
@@ -123,9 +114,9 @@ def test_pipeline_reports_tre_and_landmarks_pull_the_field():
             refine=RefineSettings(steps=60, levels=(2, 1), landmarks_weight=weight),
         )
         gen = register(blank, moving, settings, None, None, None, fixed_points, moving_points)
-        return _drain(gen)
+        return run_generator(gen)
 
-    events, guided = run(0.5)
+    events, guided = register_with(0.5)
     metrics = guided.metrics
     assert metrics["tre_before_mm"] == pytest.approx(np.linalg.norm(offset), rel=1e-6)
     assert "tre_affine_mm" not in metrics  # no affine stage
@@ -136,14 +127,5 @@ def test_pipeline_reports_tre_and_landmarks_pull_the_field():
     assert np.abs(mapped - exported).max() < 1e-3
     previews = [e.preview["warped"] for e in events if e.preview and "warped" in e.preview]
     assert previews and previews[-1].grid.same_as(guided.working_grid)
-    _, unguided = run(0.0)
+    _, unguided = register_with(0.0)
     assert unguided.metrics["tre_after_mm"] > 0.9 * metrics["tre_before_mm"]
-
-
-def _drain(gen):
-    events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value

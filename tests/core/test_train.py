@@ -9,20 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import run_generator
 
 from napari_deepwarp.core import datasets
 from napari_deepwarp.core.checkpoint import load_checkpoint, read_card
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.train import TrainSettings, state_path, train
-
-
-def drain(gen):
-    events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value
 
 
 def settings(tmp_path, name="vm.pt", **kw):
@@ -43,9 +35,9 @@ def settings(tmp_path, name="vm.pt", **kw):
 
 
 def test_resume_continues_exactly(tmp_path, one_thread):
-    _, straight = drain(train(settings(tmp_path, "a.pt")))
-    drain(train(settings(tmp_path, "b.pt", steps=2)))
-    events, resumed = drain(train(settings(tmp_path, "b.pt", resume=True)))
+    _, straight = run_generator(train(settings(tmp_path, "a.pt")))
+    run_generator(train(settings(tmp_path, "b.pt", steps=2)))
+    events, resumed = run_generator(train(settings(tmp_path, "b.pt", resume=True)))
     assert [e.step for e in events] == [3, 4]
     for (name, a), b in zip(
         straight.model.state_dict().items(), resumed.model.state_dict().values()
@@ -59,7 +51,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
 
 
 def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
-    drain(train(settings(tmp_path, steps=2)))
+    run_generator(train(settings(tmp_path, steps=2)))
     card = read_card(tmp_path / "vm.pt")
     assert card["architecture"] == "voxelmorph" and card["working_shape"] == [32, 32, 32]
     training = card["training"]
@@ -71,11 +63,13 @@ def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
     assert model.name == "voxelmorph"
     assert state_path(tmp_path / "vm.pt").exists()
     with pytest.raises(InputError, match="already trained for 2 steps"):
-        drain(train(settings(tmp_path, steps=2, resume=True)))
+        run_generator(train(settings(tmp_path, steps=2, resume=True)))
 
 
 def test_training_lowers_the_loss(tmp_path, one_thread):
-    events, _ = drain(train(settings(tmp_path, steps=40, checkpoint_every=40, validate_every=40)))
+    events, _ = run_generator(
+        train(settings(tmp_path, steps=40, checkpoint_every=40, validate_every=40))
+    )
     log = [
         json.loads(ln)
         for ln in (tmp_path / "vm.log.jsonl").read_text(encoding="utf-8").splitlines()
@@ -141,7 +135,7 @@ def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one
     ]
     csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     s = settings(tmp_path, data=str(csv_path), validation=str(csv_path), steps=2)
-    _, result = drain(train(s))
+    _, result = run_generator(train(s))
     card = read_card(tmp_path / "vm.pt")
     assert "pairs.csv" in card["training"]["data"] and "pairs.csv" in card["metrics"]["validation"]
     assert result.val_dice_before > 0.5  # same anatomy, affinely aligned
@@ -198,7 +192,7 @@ def test_two_processes_under_torchrun(tmp_path):
 def test_a_step_with_a_non_finite_loss_is_skipped(tmp_path, one_thread):
     """A diverging batch must not poison the weights: the step is skipped and logged."""
     s = settings(tmp_path, steps=2, config={"reg_weight": float("nan")})
-    _, result = drain(train(s))
+    _, result = run_generator(train(s))
     torch.manual_seed(s.seed)
     from napari_deepwarp.core.models.registry import create_model
 
