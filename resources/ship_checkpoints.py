@@ -5,9 +5,10 @@
 
 Each ``*.pt`` written by ``deepwarp train`` in ``--trained`` is loaded (weights only, card
 checked), its card gains the Mindboggle figures of the benchmark (inference Dice and folding,
-with field refinement, the command that measured them), and the checkpoint with the best
-inference Dice is marked ``"default": true``: the one ``deepwarp register`` uses when no model is
-named. The training command, hardware and duration in the card are left as training wrote them.
+with field refinement and fine-tuning, the commands that measured them), and the checkpoint with
+the best inference Dice is marked ``"default": true`` (the one ``deepwarp register`` uses when no
+model is named) *only if* it beats the affine stage alone measured in the same run: a default
+must never make a registration worse than the affine stage would. The training command, hardware and duration in the card are left as training wrote them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ HERE = Path(__file__).resolve().parent
 LIMIT_MB = 50.0
 
 
+def _gain(measured: dict, affine: dict, path: Path) -> float:
+    """Inference Dice above the affine stage alone, in the same benchmark run."""
+    return measured[path.name]["inference"]["dice"] - affine[path.name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trained", default="bench_out/train", help="folder of trained .pt")
@@ -30,20 +36,21 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(HERE / "checkpoints"))
     args = parser.parse_args()
-    measured, commands = {}, {}
+    measured, commands, affine = {}, {}, {}
     for path in args.benchmark:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
+        reference = next(e for e in report["checkpoints"] if "path" not in e)
         for entry in report["checkpoints"]:
             if "path" in entry:
+                affine[Path(entry["path"]).name] = reference["results"]["inference"]["dice"]
                 name = Path(entry["path"]).name
                 measured.setdefault(name, {}).update(entry["results"])
                 commands.setdefault(name, []).append(report["command"])
     trained = sorted(p for p in Path(args.trained).glob("*.pt") if not p.name.endswith(".state.pt"))
-    best = max(
-        (p for p in trained if p.name in measured),
-        key=lambda p: measured[p.name]["inference"]["dice"],
-        default=None,
-    )
+    better = [p for p in trained if p.name in measured and _gain(measured, affine, p) > 0]
+    best = max(better, key=lambda p: _gain(measured, affine, p), default=None)
+    if best is None:
+        print("no checkpoint beats the affine stage on the benchmark: none is marked default")
     out = Path(args.out)
     for path in trained:
         model, card = load_checkpoint(path)
@@ -55,7 +62,9 @@ def main() -> None:
                 metrics[f"mindboggle_mean_dice{key}"] = round(r["dice"], 4)
                 metrics[f"mindboggle_folding_percent{key}"] = round(r["folding_percent"], 4)
                 metrics[f"mindboggle_seconds{key}"] = round(r["wall_s"], 1)
-                metrics["mindboggle_pairs"] = r["pairs"]
+                metrics[f"mindboggle_pairs{key}"] = r["pairs"]
+        if path.name in affine:
+            metrics["mindboggle_mean_dice_affine_stage"] = round(affine[path.name], 4)
         if path.name in commands:
             metrics["mindboggle_commands"] = commands[path.name]
         for variant, r in results.items():
