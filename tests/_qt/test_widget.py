@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from qt_helpers import wait_idle
 
+from napari_deepwarp._qt.compare import _grid
 from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
 from napari_deepwarp.core.io import read_volume
 from napari_deepwarp.core.models.registry import create_model
@@ -100,7 +101,7 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     assert float(w.compare.table.item(0, 1).text()) > 0  # mean Dice
     w.compare.select_runs({1, 2})
     w.compare.side_by_side.setChecked(True)
-    assert viewer.grid.enabled
+    assert _grid(viewer).enabled
     visible = {layer.name for layer in viewer.layers if layer.visible}
     assert visible == {"sample fixed"} | {f"{r.name} · warped" for r in w.records}
     w.compare.side_by_side.setChecked(False)
