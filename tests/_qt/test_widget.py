@@ -105,7 +105,7 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     visible = {layer.name for layer in viewer.layers if layer.visible}
     assert visible == {"sample fixed"} | {f"{r.name} · warped" for r in w.records}
     w.compare.side_by_side.setChecked(False)
-    assert not viewer.grid.enabled
+    assert not _grid(viewer).enabled
 
 
 def test_cancel_during_refinement_leaves_the_layers_as_they_were(open_widget, notes, qtbot):
