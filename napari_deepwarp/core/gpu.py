@@ -13,7 +13,6 @@ Only CUDA's (and MPS's) out-of-memory errors are caught; anything else propagate
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
@@ -38,8 +37,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def release_memory(device: str | torch.device | None = None) -> None:
     """Free what the caching allocator holds after a run (``torch.cuda.empty_cache()``; MPS
     likewise). Tensors still referenced stay; drop the result's tensors first if they are on
-    the GPU. ``device=None`` or ``"auto"``: every available accelerator."""
-    gc.collect()
+    the GPU. ``device=None`` or ``"auto"``: every available accelerator.
+
+    No ``gc.collect()`` here: this runs in the widget's worker thread, and a collection there can
+    finalise Qt objects while the main thread builds others, which deadlocked napari. Tensors
+    are freed by reference counting as soon as nothing holds them."""
     kind = None if device in (None, "auto") else torch.device(device).type
     if kind in (None, "cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
