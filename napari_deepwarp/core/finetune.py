@@ -22,7 +22,7 @@ import torch
 from napari_deepwarp.core import losses
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import RegistrationModel, RegistrationOutput
-from napari_deepwarp.core.progress import STOP, Plateau, Progress
+from napari_deepwarp.core.progress import Plateau, Progress, stop_reason
 from napari_deepwarp.core.supervision import Supervision
 
 
@@ -141,11 +141,9 @@ def finetune_network(
                 loss=value,
                 preview=preview,
             )
-            if command == STOP:
-                stopped = halted = True
-                break
-            if last and plateau.update(value):
-                stopped = True
+            reason = stop_reason(command, plateau, value, watch=last)
+            if reason:
+                stopped, halted = True, reason == "user"
                 break
         if halted:
             break

@@ -35,6 +35,17 @@ class Progress:
         return min(max(self.step / self.total, 0.0), 1.0) if self.total > 0 else 0.0
 
 
+def stop_reason(command, plateau: Plateau, loss: float, watch: bool) -> str | None:
+    """Why an optimisation loop should stop after this step: ``"user"`` when :data:`STOP` was
+    sent in, ``"plateau"`` when ``watch`` is on (the last level) and the loss has stopped
+    improving, else None. Shared by fine-tuning and field refinement."""
+    if command == STOP:
+        return "user"
+    if watch and plateau.update(loss):
+        return "plateau"
+    return None
+
+
 class Plateau:
     """Early stop: :meth:`update` turns True once the loss has not improved by ``min_delta``
     (relative to the best so far) for ``patience`` consecutive steps."""

@@ -17,7 +17,7 @@ import torch
 
 from napari_deepwarp.core import losses, spatial
 from napari_deepwarp.core.models.blocks import downsample_image
-from napari_deepwarp.core.progress import STOP, Plateau, Progress
+from napari_deepwarp.core.progress import Plateau, Progress, stop_reason
 from napari_deepwarp.core.supervision import Supervision
 
 
@@ -123,11 +123,9 @@ def refine_field(
                 loss=value,
                 preview=preview,
             )
-            if command == STOP:
-                stopped = halted = True
-                break
-            if last and plateau.update(value):
-                stopped = True
+            reason = stop_reason(command, plateau, value, watch=last)
+            if reason:
+                stopped, halted = True, reason == "user"
                 break
         current = spatial.resize_field(param.detach(), shape)
         if halted:
