@@ -2,7 +2,11 @@
 
 One random label map (smoothed random noise, argmax over ``n_labels`` channels) is deformed twice
 by random smooth transforms (affine jitter + a smooth displacement): the two results are the
-moving and fixed label maps. Each side then gets its own image: random intensity per label,
+moving and fixed label maps. With ``background`` > 0, the anatomy is cut to a random smooth
+blob on a dark background (label 0, intensity 0 before bias and noise), as skull-stripped MR or
+a body in air looks after windowing; real scans on a working grid are mostly background, and a
+network trained on full-cube anatomy deforms that background at random. Each side then gets its
+own image: random intensity per label,
 a smooth multiplicative bias field, blur, noise and a gamma, so that a network trained on them
 learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
 
@@ -42,6 +46,10 @@ class SynthSettings:
     # True: both sides share the per-label intensities (one contrast, as for a same-modality
     # loss such as NCC); bias, blur, noise and gamma stay independent
     same_contrast: bool = False
+    # probability that a pair's anatomy is a smooth blob on a dark background (see module doc);
+    # the blob's radii are ``blob`` (low, high) fractions of the half-extent of each axis
+    background: float = 0.0
+    blob: tuple[float, float] = (0.55, 0.9)
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -57,6 +65,19 @@ def random_label_map(s: SynthSettings, batch: int, g: torch.Generator, device) -
     """``(B, 1, D, H, W)`` labels ``0 .. n - 1`` with ``n`` drawn from ``s.labels``."""
     n = int(torch.randint(s.labels[0], s.labels[1] + 1, (1,), generator=g, device=device))
     return _smooth_noise(batch, n, s.label_grid, s.shape, g, device).argmax(1, keepdim=True)
+
+
+def random_foreground(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` bool: a random ellipsoid about the centre, its surface made irregular
+    by smooth noise (about 15 % of its radius); each item is all True with ``1 - s.background``."""
+    axes = [torch.linspace(-1, 1, n, device=device) for n in s.shape]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    radii = _uniform(*s.blob, (batch, 3), g, device)
+    r = (zz / radii[:, 0, None, None, None]) ** 2 + (yy / radii[:, 1, None, None, None]) ** 2
+    r = (r + (xx / radii[:, 2, None, None, None]) ** 2).sqrt()[:, None]
+    wobble = _smooth_noise(batch, 1, 4, s.shape, g, device) * 0.15
+    keep = torch.rand(batch, generator=g, device=device) >= s.background
+    return (r < 1 + wobble) | keep[:, None, None, None, None]
 
 
 def random_affine(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
@@ -90,6 +111,14 @@ def random_deformation(s: SynthSettings, batch: int, g: torch.Generator, device)
     return spatial.compose(smooth, affine)
 
 
+def _intensities(n: int, s: SynthSettings, g: torch.Generator, device) -> torch.Tensor:
+    """Random intensity per label; label 0 is the dark background when ``s.background`` > 0."""
+    values = torch.rand(n, generator=g, device=device)
+    if s.background > 0:
+        values[0] = 0.0
+    return values
+
+
 def labels_to_image(
     labels: torch.Tensor,
     s: SynthSettings,
@@ -104,9 +133,7 @@ def labels_to_image(
     images = []
     for i, lab in enumerate(labels):
         n = int(lab.max()) + 1
-        intensity = (
-            torch.rand(n, generator=g, device=device) if intensities is None else intensities[i]
-        )
+        intensity = _intensities(n, s, g, device) if intensities is None else intensities[i]
         image = intensity[lab][None]  # (1, 1, D, H, W)
         bias = _smooth_noise(1, 1, 4, s.shape, g, device) * s.bias
         image = image * torch.exp(bias)
@@ -133,7 +160,10 @@ def synthetic_pair(
     s = s or SynthSettings()
     g = torch.Generator(device=device)
     g.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
-    anatomy = random_label_map(s, batch, g, device).float()
+    anatomy = random_label_map(s, batch, g, device)
+    if s.background > 0:
+        anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
+    anatomy = anatomy.float()
     labels = [
         spatial.warp(anatomy, random_deformation(s, batch, g, device), mode="nearest").long()
         for _ in range(2)
@@ -141,7 +171,7 @@ def synthetic_pair(
     shared = None
     if s.same_contrast:
         n = int(anatomy.max()) + 1
-        shared = [torch.rand(n, generator=g, device=device) for _ in range(batch)]
+        shared = [_intensities(n, s, g, device) for _ in range(batch)]
     return {
         "moving": labels_to_image(labels[0], s, g, shared),
         "fixed": labels_to_image(labels[1], s, g, shared),

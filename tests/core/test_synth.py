@@ -81,3 +81,20 @@ def test_same_contrast_shares_the_label_intensities():
     # one contrast up to the min-max normalisation of each side: a linear map between them
     m, f = np.array(means).T
     assert np.corrcoef(m, f)[0, 1] > 0.999
+
+
+def test_background_puts_the_anatomy_on_a_dark_surround():
+    s = SynthSettings(shape=(32, 32, 32), background=1.0, noise=(0.0, 0.0), bias=0.0)
+    s.gamma, s.blur = 0.0, (0.0, 0.0)
+    p = synthetic_pair(s, batch=2, seed=7)
+    for side in ("moving", "fixed"):
+        labels, image = p[f"{side}_labels"], p[side]
+        outside = labels == 0
+        assert 0.4 < float(outside.float().mean()) < 0.95  # a blob, not the whole cube
+        corners = labels[:, :, ::31, ::31, ::31]
+        assert bool((corners == 0).all())
+        assert float(image[outside].max()) == 0.0  # the darkest intensity, before noise
+        assert float(image[~outside].mean()) > 0.2
+    # Without background, the anatomy fills the cube (label 0 is just one of many labels).
+    plain = synthetic_pair(SynthSettings(shape=(32, 32, 32)), seed=7)
+    assert float((plain["fixed_labels"] == 0).float().mean()) < 0.3
