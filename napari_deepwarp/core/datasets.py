@@ -28,9 +28,9 @@ from napari_deepwarp.core.affine import AffineSettings, run_affine
 from napari_deepwarp.core.io import InputError, read_volume
 from napari_deepwarp.core.preprocess import (
     IntensityPreset,
-    apply_window,
     foreground_bbox,
     intensity_window,
+    network_input,
     resample,
 )
 from napari_deepwarp.core.synth import SynthSettings, synthetic_pair
@@ -38,7 +38,7 @@ from napari_deepwarp.core.volume import Grid, Volume
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_WORDS = ("label", "seg", "mask", "aseg", "parc")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: anti-aliased network inputs
 
 
 def _seed(*parts: int) -> int:
@@ -239,10 +239,8 @@ def preprocess_pair(
     transform = run_affine(f, m, affine_settings).transform if affine else None
     preset = IntensityPreset(modality)
     out = {
-        "fixed": apply_window(resample(f, grid).array, intensity_window(f.array, preset)),
-        "moving": apply_window(
-            resample(m, grid, transform).array, intensity_window(m.array, preset)
-        ),
+        "fixed": network_input(f, grid, intensity_window(f.array, preset)),
+        "moving": network_input(m, grid, intensity_window(m.array, preset), transform),
     }
     if fixed.labels is not None and moving.labels is not None:
         fl, ml = read_volume(fixed.labels, labels=True), read_volume(moving.labels, labels=True)

@@ -30,6 +30,7 @@ from napari_deepwarp.core.preprocess import (
     IntensityPreset,
     apply_window,
     intensity_window,
+    network_input,
     resample,
     working_grid,
 )
@@ -345,8 +346,8 @@ def register(
         t = time.perf_counter()
         yield Progress(0, 1, "predicting the deformation", stage="predict")
         grid = working_grid(fixed, settings.working_spacing, settings.max_size, model.size_multiple)
-        fixed_w = apply_window(resample(fixed, grid).array, fixed_window)
-        moving_w = apply_window(resample(moving, grid, affine).array, moving_window)
+        fixed_w = network_input(fixed, grid, fixed_window)
+        moving_w = network_input(moving, grid, moving_window, affine)
         fix_t, mov_t = _to_tensor(fixed_w, device), _to_tensor(moving_w, device)
         model = model.to(device).eval()
         with torch.no_grad():

@@ -1,5 +1,11 @@
 """Intensity presets, the network's working grid, and resampling between grids.
 
+Network inputs are anti-aliased: before an image is resampled onto a coarser working grid, it
+is smoothed with a Gaussian of ``sigma = 0.5 * sqrt(target^2 - source^2)`` mm per axis (no
+smoothing along axes already as coarse as the grid). Plain linear resampling from 1 mm to ~6 mm
+skips most voxels and gives a noisy, aliased image unlike the smooth training pairs: on a
+Mindboggle pair it cost 0.01-0.02 Dice for every checkpoint.
+
 Intensities: MR is scaled by robust percentiles to [0, 1]; CT is clipped to a Hounsfield window
 and scaled to [0, 1]. The working grid is an isotropic grid with the fixed image's direction,
 covering the fixed image's foreground, its shape padded to a multiple the model needs.
@@ -141,3 +147,30 @@ def resample(
         img.GetPixelID(),
     )
     return Volume.on_grid(sitk.GetArrayFromImage(out), grid, vol.name)
+
+
+def antialias_sigmas(source_spacing, target_spacing: float) -> list[float]:
+    """Gaussian sigmas (mm, per axis of ``source_spacing``) before resampling to a grid of
+    ``target_spacing`` mm: ``0.5 * sqrt(target^2 - source^2)``, 0 where the source is coarser."""
+    return [0.5 * math.sqrt(max(0.0, target_spacing**2 - s**2)) for s in source_spacing]
+
+
+def network_input(
+    vol: Volume,
+    grid: Grid,
+    window: tuple[float, float],
+    transform: sitk.Transform | None = None,
+) -> np.ndarray:
+    """``vol`` as the network sees it on ``grid`` (isotropic): anti-aliased (see the module
+    doc), resampled through ``transform`` (grid points -> ``vol`` points), scaled by ``window``
+    to [0, 1]. Returns float32 ``(z, y, x)`` of ``grid.shape``."""
+    sigmas = antialias_sigmas(vol.spacing, grid.spacing[0])
+    if max(sigmas) > 0:
+        img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+        # the recursive filter needs sigma > 0 and 4 voxels along every axis
+        if min(vol.shape) >= 4 and min(sigmas) > 0:
+            smoothed = sitk.SmoothingRecursiveGaussian(img, sigmas)
+        else:
+            smoothed = sitk.DiscreteGaussian(img, [v * v for v in sigmas], 32, 0.01, True)
+        vol = vol.with_array(sitk.GetArrayViewFromImage(smoothed))
+    return apply_window(resample(vol, grid, transform).array, window)
