@@ -1,8 +1,9 @@
 """Intensity presets, the network's working grid, and resampling between grids.
 
 Network inputs are anti-aliased: before an image is resampled onto a coarser working grid, it
-is smoothed with a Gaussian of ``sigma = 0.5 * sqrt(target^2 - source^2)`` mm per axis (no
-smoothing along axes already as coarse as the grid). Plain linear resampling from 1 mm to ~6 mm
+is blurred by ``sigma = 0.5 * sqrt(target^2 - source^2)`` mm per axis (none along axes already
+as coarse as the grid), made as a block mean then a smaller Gaussian (0.1 s, not 0.6 s, for a
+1 mm brain). Plain linear resampling from 1 mm to ~6 mm
 skips most voxels and gives a noisy, aliased image unlike the smooth training pairs: on a
 Mindboggle pair it cost 0.01-0.02 Dice for every checkpoint.
 
@@ -155,6 +156,30 @@ def antialias_sigmas(source_spacing, target_spacing: float) -> list[float]:
     return [0.5 * math.sqrt(max(0.0, target_spacing**2 - s**2)) for s in source_spacing]
 
 
+def _antialiased(vol: Volume, target_spacing: float) -> sitk.Image:
+    """``vol`` (float32) with the blur of :func:`antialias_sigmas`, made cheaply: a block mean
+    over ``floor(target / 2 source)`` voxels per axis first (``sitk.BinShrink``, which keeps the
+    physical geometry), then a Gaussian for the variance the block mean has not given."""
+    img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+    sigmas = antialias_sigmas(vol.spacing, target_spacing)
+    factors = [
+        max(1, min(int(target_spacing / (2 * s)), n))
+        for s, n in zip(vol.spacing, img.GetSize(), strict=True)
+    ]
+    if max(factors) > 1:
+        img = sitk.BinShrink(img, factors)
+    # a block mean of f voxels of spacing s has variance (f^2 - 1) s^2 / 12
+    rest = [
+        math.sqrt(max(0.0, g * g - (f * f - 1) * s * s / 12.0))
+        for g, f, s in zip(sigmas, factors, vol.spacing, strict=True)
+    ]
+    if max(rest) < 1e-3:
+        return img
+    if min(img.GetSize()) >= 4 and min(rest) > 0:  # the recursive filter needs both
+        return sitk.SmoothingRecursiveGaussian(img, rest)
+    return sitk.DiscreteGaussian(img, [r * r for r in rest], 32, 0.01, True)
+
+
 def network_input(
     vol: Volume,
     grid: Grid,
@@ -164,13 +189,6 @@ def network_input(
     """``vol`` as the network sees it on ``grid`` (isotropic): anti-aliased (see the module
     doc), resampled through ``transform`` (grid points -> ``vol`` points), scaled by ``window``
     to [0, 1]. Returns float32 ``(z, y, x)`` of ``grid.shape``."""
-    sigmas = antialias_sigmas(vol.spacing, grid.spacing[0])
-    if max(sigmas) > 0:
-        img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
-        # the recursive filter needs sigma > 0 and 4 voxels along every axis
-        if min(vol.shape) >= 4 and min(sigmas) > 0:
-            smoothed = sitk.SmoothingRecursiveGaussian(img, sigmas)
-        else:
-            smoothed = sitk.DiscreteGaussian(img, [v * v for v in sigmas], 32, 0.01, True)
-        vol = vol.with_array(sitk.GetArrayViewFromImage(smoothed))
+    if max(antialias_sigmas(vol.spacing, grid.spacing[0])) > 0:
+        vol = Volume.from_sitk(_antialiased(vol, grid.spacing[0]), vol.name)
     return apply_window(resample(vol, grid, transform).array, window)
