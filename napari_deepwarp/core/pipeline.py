@@ -521,6 +521,7 @@ def write_result(result: RegistrationResult, outdir) -> list:
     import json
     import shutil
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     from napari_deepwarp.core import io
@@ -528,14 +529,27 @@ def write_result(result: RegistrationResult, outdir) -> list:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=outdir))
-    try:
-        grid = result.fixed.grid
+    grid = result.fixed.grid
+
+    def transform_file():
+        field = io.field_to_sitk(result.deformation, grid)
+        io.write_transform(io.composite_transform(result.affine, field), staging / "transform.h5")
+
+    def images():
         io.write_volume(result.warped, staging / "warped.nii.gz")
         if result.warped_labels is not None:
             io.write_volume(result.warped_labels, staging / "warped_labels.nii.gz")
-        io.write_field(result.displacement, grid, staging / "displacement.nii.gz")
-        field = io.field_to_sitk(result.deformation, grid)
-        io.write_transform(io.composite_transform(result.affine, field), staging / "transform.h5")
+        transform_file()
+
+    try:
+        # The gzip of the (incompressible) displacement field takes most of the time; SimpleITK
+        # lets go of the GIL while it writes, so the other files are written meanwhile.
+        with ThreadPoolExecutor(1) as pool:
+            field_written = pool.submit(
+                io.write_field, result.displacement, grid, staging / "displacement.nii.gz"
+            )
+            images()
+            field_written.result()
         (staging / "metrics.json").write_text(
             json.dumps(result.metrics, indent=2), encoding="utf-8"
         )
