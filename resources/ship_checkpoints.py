@@ -40,7 +40,15 @@ def main() -> None:
         "--benchmark", nargs="*", default=[], help="JSONs of benchmarks.checkpoints_mindboggle"
     )
     parser.add_argument("--out", default=str(HERE / "checkpoints"))
+    parser.add_argument(
+        "--inference-size",
+        nargs="*",
+        default=[],
+        metavar="FILE=SIZE",
+        help="working-grid side to run FILE.pt at, chosen on pairs outside the benchmark",
+    )
     args = parser.parse_args()
+    sizes = {k: int(v) for k, v in (item.split("=") for item in args.inference_size)}
     measured, commands, affine = {}, {}, {}
     for path in args.benchmark:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -80,6 +88,8 @@ def main() -> None:
                 metrics[f"mindboggle_mean_dice_finetune{steps}"] = round(r["dice"], 4)
                 metrics[f"mindboggle_seconds_finetune{steps}"] = round(r["wall_s"], 1)
         card = {**card, "metrics": metrics, "default": path == best}
+        if path.stem in sizes:
+            card["inference_size"] = sizes[path.stem]
         save_checkpoint(out / path.name, model, card)
         print(f"{out / path.name}: default={path == best} {metrics.get('mindboggle_mean_dice')}")
     total = sum(p.stat().st_size for p in out.glob("*.pt")) / 2**20

@@ -137,11 +137,13 @@ def hardware(device: torch.device) -> str:
 
 
 def working_size(card: dict | None, refining: bool = False) -> int:
-    """The largest working-grid side to run a checkpoint at: the size it was trained at (the
-    resolution it learnt), or 96 without a card. Field refinement gains from a finer grid, so
-    when refining, at least 96."""
+    """The largest working-grid side to run a checkpoint at: the card's ``inference_size`` (a
+    size chosen on held-out pairs; the networks are fully convolutional), else the size it was
+    trained at (the resolution it learnt), or 96 without a card. Field refinement gains from a
+    finer grid, so when refining, at least 96."""
     shape = (card or {}).get("working_shape")
     trained = max(shape) if isinstance(shape, list) else shape
+    trained = (card or {}).get("inference_size") or trained
     if trained is None or refining:
         return max(96, int(trained or 0))
     return int(trained)

@@ -22,6 +22,7 @@ from napari_deepwarp.core.checkpoint import (
     parent_reference,
     read_card,
     save_checkpoint,
+    working_size,
 )
 from napari_deepwarp.core.models.voxelmorph import VoxelMorph, VoxelMorphConfig
 
@@ -240,3 +241,13 @@ def test_sha256_and_parent_reference_for_fine_tuned_cards(tmp_path):
     card = read_card(child)
     assert card["parent"]["sha256"] == digest
     assert card["tuned_on"]["steps"] == 5
+
+
+def test_working_size_prefers_the_chosen_inference_size_then_the_training_size():
+    trained = {"working_shape": [32, 32, 32]}
+    assert working_size(trained) == 32
+    assert working_size({**trained, "inference_size": 48}) == 48
+    assert working_size(None) == 96
+    # refining always gets at least a 96-voxel grid
+    assert working_size({**trained, "inference_size": 48}, refining=True) == 96
+    assert working_size({"working_shape": [128, 128, 128]}, refining=True) == 128
