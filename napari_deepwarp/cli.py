@@ -376,6 +376,8 @@ def _card_summary(path, card: dict) -> str:
         parts.append(f"{training['steps']} steps")
     if card.get("working_shape"):
         parts.append("shape " + "x".join(str(n) for n in card["working_shape"]))
+    if card.get("inference_size"):
+        parts.append(f"runs at {card['inference_size']} voxels")
     if training.get("duration_s") is not None:
         parts.append(f"{training['duration_s'] / 60:.0f} min on {training.get('hardware')}")
     for key, label in (

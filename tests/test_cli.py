@@ -354,3 +354,16 @@ def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, 
         )
         > 32
     )
+
+
+def test_a_cards_inference_size_sets_the_default_working_grid(pair, shipped, capsys):
+    from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
+
+    model, card = load_checkpoint(shipped)
+    save_checkpoint(shipped, model, {**card, "inference_size": 48})
+    assert main(["models"]) == 0
+    assert "shape 32x32x32; runs at 48 voxels" in capsys.readouterr().out
+    d, f, m = pair
+    assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
+    metrics = json.loads((d / "o" / "metrics.json").read_text(encoding="utf-8"))
+    assert max(metrics["working_grid"]["shape_zyx"]) == 48
