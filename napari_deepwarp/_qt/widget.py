@@ -81,6 +81,16 @@ def _ours(layer) -> dict | None:
     return meta.get("deepwarp")
 
 
+def _working(card: dict) -> str:
+    shape = card.get("working_shape")
+    text = "trained at " + ("x".join(map(str, shape)) if shape else "?")
+    if card.get("working_spacing_mm"):
+        text += f", {card['working_spacing_mm']} mm"
+    if card.get("inference_size"):
+        text += f"; runs at {card['inference_size']} voxels"
+    return text
+
+
 def card_summary(card: dict) -> str:
     """A few lines about a checkpoint card, for tooltips and the card panel."""
     training = card.get("training") or {}
@@ -88,10 +98,7 @@ def card_summary(card: dict) -> str:
     lines = [
         f"{card.get('name') or card['architecture']} ({card['architecture']})",
         card.get("description") or "",
-        (
-            f"modality: {card.get('modality') or '?'}; working spacing: "
-            f"{card.get('working_spacing_mm') or '?'} mm"
-        ),
+        f"modality: {card.get('modality') or '?'}; {_working(card)}",
         f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
     ]
     if metrics:

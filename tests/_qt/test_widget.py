@@ -196,3 +196,11 @@ def test_stop_keeps_the_result_with_a_live_preview_and_landmarks(open_widget, no
     rows = {row[0]: row for row in w.readout.rows()}
     tre = rows["landmark TRE (mm, mean)"]
     assert float(tre[1]) == 0.0 and float(tre[3]) >= 0.0  # identical points: no error before
+
+
+def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
+    from napari_deepwarp._qt.widget import card_summary
+
+    card = {"architecture": "fcn_ms", "working_shape": [32, 32, 32], "inference_size": 48}
+    assert "trained at 32x32x32; runs at 48 voxels" in card_summary(card)
+    assert "runs at" not in card_summary({"architecture": "fcn_ms"})
