@@ -19,7 +19,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -34,10 +33,6 @@ from qtpy.QtWidgets import (
 
 from napari_deepwarp.core.checkpoint import (
     CheckpointError,
-    default_checkpoint,
-    read_card,
-    shipped_checkpoints,
-    working_size,
 )
 from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match
@@ -47,7 +42,9 @@ from napari_deepwarp.core.progress import STOP
 from napari_deepwarp.core.refine import RefineSettings
 from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volume_from_layer
 
+from .checkpoint_choice import BROWSE, CheckpointChoice
 from .compare import CompareRuns
+from .exports import RunExports, notify_error
 from .loss_plot import LossPlot
 from .readout import HEADERS, metric_rows
 from .result_layers import run_layers
@@ -55,8 +52,6 @@ from .tables import CopyableTable
 from .worker import RegistrationFailed, RunRequest, run_job
 
 NONE = "(none)"
-UNTRAINED = "(none: untrained)"
-BROWSE = "Browse…"
 #: role -> (layer class, optional)
 ROLES = {
     "fixed": (Image, False),
@@ -71,50 +66,13 @@ SIMILARITIES = ("(default)", "lncc", "ncc", "ncc_ssd", "mi", "mse")
 VIEWS = ("overlay", "checkerboard", "difference")
 
 
-def notify_error(message: str) -> None:
-    notifications.show_error(message)
-
-
 def _ours(layer) -> dict | None:
     """The ``deepwarp`` marker of a layer this widget made (None for the user's layers)."""
     meta = getattr(layer, "metadata", None) or {}
     return meta.get("deepwarp")
 
 
-def _working(card: dict) -> str:
-    shape = card.get("working_shape")
-    text = "trained at " + ("x".join(map(str, shape)) if shape else "?")
-    if card.get("working_spacing_mm"):
-        text += f", {card['working_spacing_mm']} mm"
-    if card.get("inference_size"):
-        text += f"; runs at {card['inference_size']} voxels"
-    return text
-
-
-def card_summary(card: dict) -> str:
-    """A few lines about a checkpoint card, for tooltips and the card panel."""
-    training = card.get("training") or {}
-    metrics = card.get("metrics") or {}
-    lines = [
-        f"{card.get('name') or card['architecture']} ({card['architecture']})",
-        card.get("description") or "",
-        f"modality: {card.get('modality') or '?'}; {_working(card)}",
-        f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
-    ]
-    if metrics:
-        lines.append(
-            "metrics: "
-            + ", ".join(
-                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in list(metrics.items())[:4]
-            )
-        )
-    if card.get("parent"):
-        lines.append(f"fine-tuned from {card['parent'].get('name')} on {card.get('tuned_on')}")
-    return "\n".join(line for line in lines if line)
-
-
-class DeepwarpWidget(QWidget):
+class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
     """Deformable registration of two 3D image layers (the napari dock widget)."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -285,99 +243,6 @@ class DeepwarpWidget(QWidget):
         self._update_result_buttons()
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _fill_checkpoints(self) -> None:
-        self.checkpoint.clear()
-        self.checkpoint.addItem(UNTRAINED, "")  # not None: PySide6 miscounts None refs
-        for path, card in shipped_checkpoints():
-            self._add_checkpoint_item(path, card)
-        self.checkpoint.addItem(BROWSE, BROWSE)
-        best = default_checkpoint()
-        if best is not None:
-            self.select_checkpoint(best)
-        else:
-            self.model.setCurrentText("voxelmorph")
-            self.mode.setCurrentIndex(2)  # untrained networks need refinement to do anything
-
-    def _add_checkpoint_item(self, path: Path, card: dict) -> int:
-        index = (
-            max(self.checkpoint.count() - 1, 1)
-            if self.checkpoint.findData(BROWSE) >= 0
-            else self.checkpoint.count()
-        )
-        label = f"{card.get('name') or Path(path).stem} · {card['architecture']}"
-        self.checkpoint.insertItem(index, label, str(path))
-        self.checkpoint.setItemData(index, card_summary(card), Qt.ItemDataRole.ToolTipRole)
-        return index
-
-    def select_checkpoint(self, path) -> None:
-        """Select (adding it if new) the checkpoint file ``path``; notify when it is unusable."""
-        index = self.checkpoint.findData(str(path))
-        if index < 0:
-            try:
-                card = read_card(path)
-            except (CheckpointError, OSError) as exc:
-                notify_error(str(exc))
-                return
-            if card["architecture"] not in available_models():
-                notify_error(f"{path}: checkpoint of unknown model {card['architecture']!r}")
-                return
-            index = self._add_checkpoint_item(Path(path), card)
-        self.checkpoint.setCurrentIndex(index)
-        card = read_card(path)
-        self.model.blockSignals(True)
-        self.model.setCurrentText(card["architecture"])
-        self.model.blockSignals(False)
-        self._show_card()
-
-    def _checkpoint_activated(self, index: int) -> None:
-        if self.checkpoint.itemData(index) != BROWSE:
-            path = self.checkpoint.itemData(index)
-            if path:
-                self.select_checkpoint(path)
-            return
-        self.checkpoint.setCurrentIndex(0)
-        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "checkpoints (*.pt)")
-        if path:
-            self.select_checkpoint(path)
-
-    def _suggest_max_size(self) -> None:
-        """The working size the checkpoint was trained at (96 when refining or untrained)."""
-        path = self.checkpoint.currentData()
-        card = None
-        if path and path != BROWSE:
-            try:
-                card = read_card(path)
-            except (CheckpointError, OSError):
-                card = None
-        self.max_size.setValue(working_size(card, refining=self.mode.currentData() == "refine"))
-
-    def _show_card(self, *_):
-        self._suggest_max_size()
-        path = self.checkpoint.currentData()
-        if not path or path == BROWSE:
-            self.card_panel.setText(
-                "untrained network (use refinement or fine-tuning)"
-                if self.model.currentText() != AFFINE_ONLY
-                else ""
-            )
-            return
-        try:
-            self.card_panel.setText(card_summary(read_card(path)))
-        except (CheckpointError, OSError) as exc:
-            self.card_panel.setText(str(exc))
-
-    def _model_changed(self, name: str) -> None:
-        self.checkpoint.setEnabled(name != AFFINE_ONLY)
-        path = self.checkpoint.currentData()
-        if path and path != BROWSE and read_card(path)["architecture"] == name:
-            return
-        best = default_checkpoint(name) if name != AFFINE_ONLY else None
-        if best is not None:
-            self.select_checkpoint(best)
-        else:
-            self.checkpoint.setCurrentIndex(0)
-        self._show_card()
-
     def _mode_changed(self, *_):
         mode = self.mode.currentData()
         for w in (self.steps, self.similarity, self.reg_weight):
@@ -779,99 +644,6 @@ class DeepwarpWidget(QWidget):
         axes = tuple(self.viewer.dims.order[-2:])
         mask = grid_mask(record.result, spacing, axes)
         record.layers["grid"].data = for_display(mask, record.result.fixed.grid)[0]
-
-    # --- export ---------------------------------------------------------------------------
-    def export_csv(self, path=None):
-        if self.current is None:
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Metrics as CSV", "metrics.csv", "*.csv")
-            if not path:
-                return None
-        return self.readout.write_csv(path)
-
-    def export_run(self, folder=None):
-        """pipeline.write_result into ``folder`` (+ fixed labels in moving space, metrics CSV)."""
-        from napari_deepwarp.core.io import write_volume
-        from napari_deepwarp.core.pipeline import write_result
-
-        if self.current is None:
-            return None
-        if folder is None:
-            folder = QFileDialog.getExistingDirectory(self, "Export the run into a folder")
-            if not folder:
-                return None
-        try:
-            written = write_result(self.current.result, folder)
-            if self.current.inverse_labels is not None:
-                written.append(
-                    write_volume(
-                        self.current.inverse_labels, Path(folder) / "fixed_labels_in_moving.nii.gz"
-                    )
-                )
-            written.append(self.readout.write_csv(Path(folder) / "metrics.csv"))
-        except (OSError, ValueError, RuntimeError) as exc:
-            notify_error(f"export failed: {exc}")
-            return None
-        notifications.show_info(f"wrote {len(written)} files into {folder}")
-        return written
-
-    def export_field(self, path=None):
-        """The total displacement field ((x, y, z) mm, fixed -> moving) as an ITK vector image."""
-        from napari_deepwarp.core.io import write_field
-
-        if self.current is None:
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(
-                self, "Displacement field", "displacement.nii.gz", "*.nii.gz *.nrrd *.mha"
-            )
-            if not path:
-                return None
-        try:
-            return write_field(
-                self.current.result.displacement, self.current.result.fixed.grid, path
-            )
-        except (OSError, ValueError, RuntimeError) as exc:
-            notify_error(f"export failed: {exc}")
-            return None
-
-    def save_checkpoint(self, path=None):
-        """Write the fine-tuned network with a card naming its parent and the pair."""
-        from napari_deepwarp.core.checkpoint import finetuned_card
-        from napari_deepwarp.core.checkpoint import save_checkpoint as save
-
-        record = self.current
-        if (
-            record is None
-            or record.result.model is None
-            or record.request.settings.finetune.steps == 0
-        ):
-            notify_error("no fine-tuned network in this run (choose network fine-tuning)")
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(
-                self, "Save the fine-tuned network", "finetuned.pt", "*.pt"
-            )
-            if not path:
-                return None
-        req = record.request
-        tuned_on = (
-            f"fixed {req.pair[0]} {list(req.fixed.shape)}, moving {req.pair[1]} "
-            f"{list(req.moving.shape)}"
-        )
-        try:
-            card = finetuned_card(
-                record.result,
-                tuned_on,
-                "napari-deepwarp widget: network fine-tuning",
-                req.checkpoint,
-            )
-            card["name"] = f"{req.settings.model} fine-tuned ({record.name})"
-            return save(path, record.result.model, card)
-        except (OSError, ValueError, TypeError) as exc:
-            notify_error(f"could not save the checkpoint: {exc}")
-            return None
 
     # --- cleanup --------------------------------------------------------------------------
     def closeEvent(self, event):

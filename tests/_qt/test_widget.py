@@ -199,7 +199,7 @@ def test_stop_keeps_the_result_with_a_live_preview_and_landmarks(open_widget, no
 
 
 def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
-    from napari_deepwarp._qt.widget import card_summary
+    from napari_deepwarp._qt.checkpoint_choice import card_summary
 
     card = {"architecture": "fcn_ms", "working_shape": [32, 32, 32], "inference_size": 48}
     assert "trained at 32x32x32; runs at 48 voxels" in card_summary(card)
