@@ -396,7 +396,12 @@ def _add_train(sub) -> None:
         help="train a network (synthetic pairs or your volumes) into a checkpoint with a card",
         description="Train with the model's own loss and Adam; under torchrun, data-parallel.",
     )
-    p.add_argument("--model", default="voxelmorph", help="registry name (see `deepwarp models`)")
+    p.add_argument(
+        "--model",
+        help="registry name (see `deepwarp models`; default: voxelmorph, or --init's "
+        "architecture); with --init of another architecture with the same layers, its weights "
+        "are loaded into this one",
+    )
     p.add_argument(
         "--data",
         default="synth",
@@ -450,7 +455,9 @@ def _add_train(sub) -> None:
         metavar="KEY=VALUE",
         help="model config override (VALUE as JSON, e.g. reg_weight=2 or channels=[8,16])",
     )
-    p.add_argument("--init", help="start from this checkpoint instead of random weights")
+    p.add_argument(
+        "--init", help="start from this checkpoint's weights (see --model) instead of random ones"
+    )
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="K")
     p.add_argument("--validate-every", type=int, default=100, metavar="K")
     p.add_argument(

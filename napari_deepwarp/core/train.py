@@ -55,7 +55,11 @@ from napari_deepwarp.core.synth import SynthSettings
 
 @dataclass
 class TrainSettings:
-    """model: registry name, with ``config`` overrides; init: a checkpoint to start from instead.
+    """model: registry name (default ``voxelmorph``, or ``init``'s architecture), with ``config``
+    overrides; init: a checkpoint to start from instead of random weights. When ``model`` names
+    another architecture than ``init``'s, ``init``'s weights are loaded into ``model`` (strictly:
+    the two must have the same layers, e.g. ``voxelmorph`` -> ``mi_unet``), a warm start that
+    keeps ``model``'s own loss.
     data: ``"synth"``, a folder of volumes or a CSV (see :mod:`datasets`); shape: training grid
     (z, y, x); similarity: None for the model's own loss, else a name of
     :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
@@ -69,7 +73,7 @@ class TrainSettings:
     step with a non-finite loss or gradient is skipped); time_limit_s: stop (and save) after the
     first step past this many seconds of this run, so a training fits a time budget."""
 
-    model: str = "voxelmorph"
+    model: str | None = None
     output: str | Path = "model.pt"
     config: dict = field(default_factory=dict)
     init: str | Path | None = None
@@ -252,13 +256,29 @@ def _trim_log(path: Path, last_step: int) -> None:
 
 
 def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
+    name = settings.model
     if settings.init:
         model, card = load_checkpoint(settings.init)
-        return model.train(), card
+        if name is None or name == card["architecture"]:
+            return model.train(), card
+        target = _create(name, settings.config)
+        try:
+            target.load_state_dict(model.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise InputError(
+                f"--init {settings.init} holds a {card['architecture']!r} network whose weights "
+                f"do not fit --model {name!r} ({str(exc).splitlines()[0]}); start {name!r} from "
+                f"one of its own checkpoints, or leave out --model"
+            ) from None
+        return target.train(), card
+    return _create(name or "voxelmorph", settings.config).train(), None
+
+
+def _create(name: str, config: dict) -> RegistrationModel:
     try:
-        return create_model(settings.model, **settings.config).train(), None
+        return create_model(name, **config)
     except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"--model {settings.model}: {exc}") from None
+        raise InputError(f"--model {name}: {exc}") from None
 
 
 def train(settings: TrainSettings) -> Generator[Progress, None, TrainResult]:

@@ -201,3 +201,35 @@ def test_a_step_with_a_non_finite_loss_is_skipped(tmp_path, one_thread):
         assert torch.equal(a, b), name
     log = [json.loads(ln) for ln in (tmp_path / "vm.log.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in log if "loss" in r] == [1, 2]
+
+
+def test_init_from_another_architecture_with_the_same_layers(tmp_path, one_thread):
+    """voxelmorph -> mi_unet: the weights are carried over, the new model keeps its own loss."""
+    run_generator(train(settings(tmp_path, "vm.pt", steps=1)))
+    vm, _ = load_checkpoint(tmp_path / "vm.pt")
+    _, result = run_generator(
+        train(
+            settings(
+                tmp_path,
+                "mi.pt",
+                model="mi_unet",
+                init=tmp_path / "vm.pt",
+                steps=1,
+                learning_rate=0.0,
+                contrast="independent",
+            )
+        )
+    )
+    card = read_card(tmp_path / "mi.pt")
+    assert card["architecture"] == "mi_unet" and card["parent"]["name"] == "vm.pt"
+    assert card["parent"]["architecture"] == "voxelmorph"
+    assert card["loss"]["similarity"]["name"] == "mi"
+    for name, weight in vm.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], weight), name
+
+
+def test_init_from_an_architecture_with_other_layers_names_both(tmp_path, one_thread):
+    run_generator(train(settings(tmp_path, "vm.pt", steps=1)))
+    wrong = settings(tmp_path, "fcn.pt", model="fcn_ms", init=tmp_path / "vm.pt")
+    with pytest.raises(InputError, match="'voxelmorph' network whose weights do not fit"):
+        run_generator(train(wrong))
