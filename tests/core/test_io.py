@@ -32,6 +32,18 @@ def test_round_trip_keeps_array_and_geometry(tmp_path, suffix):
     assert back.grid.same_as(vol.grid)
 
 
+def test_nifti_gz_is_a_standard_gzip_stream_and_leaves_no_temporary_file(tmp_path):
+    import gzip
+
+    vol = make_volume()
+    path = io.write_volume(vol, tmp_path / "v.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["v.nii.gz"]
+    header = gzip.decompress(path.read_bytes())[:4]  # Python's own zlib reads it
+    assert int.from_bytes(header, "little") == 348  # NIfTI-1 sizeof_hdr
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert np.array_equal(back, vol.array)
+
+
 def test_dicom_series_folder(tmp_path):
     vol = make_volume(dtype=np.int16)
     vol = Volume(vol.array, (0.8, 0.8, 2.0), (-20.0, 10.0, 5.0), np.eye(3))
