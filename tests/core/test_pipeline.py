@@ -154,9 +154,23 @@ def test_exported_field_reproduces_the_warp_in_simpleitk(finetuned_run, tmp_path
         sitk.sitkFloat32,
     )
     assert np.abs(sitk.GetArrayFromImage(via_field) - warped).max() < 1e-3 * value_range
-    composite = sitk.ReadTransform(str(tmp_path / "transform.h5"))
+    composite = sitk.CompositeTransform(sitk.ReadTransform(str(tmp_path / "transform.h5")))
     via_h5 = sitk.Resample(moving_img, fixed_img, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     assert np.abs(sitk.GetArrayFromImage(via_h5) - warped).max() < 1e-3 * value_range
+    # The composite's field is the working-grid field (padded to cover the fixed grid), and it
+    # gives the same displacement as the full-resolution field at every fixed voxel.
+    h5_field = sitk.DisplacementFieldTransform(composite.GetNthTransform(1)).GetDisplacementField()
+    assert np.allclose(h5_field.GetSpacing(), r.working_grid.spacing)
+    deformation = sitk.DisplacementFieldTransform(composite.GetNthTransform(1))
+    world = FIXED_GRID.corners_world().tolist() + points_inside(FIXED_GRID, 50)[0].tolist()
+    flat = r.deformation.reshape(-1, 3)
+    to_index = FIXED_GRID.world_to_index_matrix()
+    for p in world:
+        idx = np.rint(to_index[:3, :3] @ p + to_index[:3, 3]).astype(int)
+        expected = flat[np.ravel_multi_index(tuple(idx), FIXED_GRID.shape)]
+        p = FIXED_GRID.index_to_world_matrix() @ np.array([*idx, 1.0])
+        moved = np.subtract(deformation.TransformPoint(tuple(p[:3])), p[:3])
+        assert np.allclose(moved, expected, atol=1e-4), (idx, moved, expected)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped_labels.nii.gz")))
     assert set(np.unique(labels)) <= set(np.unique(r.moving_labels_array))
 
