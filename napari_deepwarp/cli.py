@@ -169,7 +169,11 @@ def _add_method_options(p) -> None:
 def _settings_and_model(args):
     import torch
 
-    from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint
+    from napari_deepwarp.core.checkpoint import (
+        below_affine_stage,
+        default_checkpoint,
+        load_checkpoint,
+    )
     from napari_deepwarp.core.finetune import FinetuneSettings
     from napari_deepwarp.core.io import InputError
     from napari_deepwarp.core.models.registry import available_models
@@ -241,6 +245,9 @@ def _settings_and_model(args):
             "network predicts an almost-zero deformation; add --refine 150 or --finetune 100 (or a checkpoint)",
             file=sys.stderr,
         )
+    caveat = below_affine_stage(card) if card else None
+    if caveat and finetune.steps == 0 and args.refine == 0:
+        print(f"deepwarp: warning: {args.resolved_checkpoint}: {caveat}", file=sys.stderr)
     torch.manual_seed(args.seed)
     return settings, model
 
@@ -368,6 +375,8 @@ def cmd_models(args) -> int:
 
 def _card_summary(path, card: dict) -> str:
     """One line for a checkpoint: file, default mark, data, steps, size, hardware, Dice."""
+    from napari_deepwarp.core.checkpoint import below_affine_stage
+
     training, metrics = card.get("training") or {}, card.get("metrics") or {}
     parts = [path.name + (" (default)" if card.get("default") else "")]
     if training.get("data"):
@@ -386,6 +395,11 @@ def _card_summary(path, card: dict) -> str:
     ):
         if metrics.get(key) is not None:
             parts.append(f"{label} {metrics[key]:.3f}")
+    affine = metrics.get("mindboggle_mean_dice_affine_stage")
+    if metrics.get("mindboggle_mean_dice") is not None and affine is not None:
+        parts[-1] += f" (affine stage alone {affine:.3f})"
+    if below_affine_stage(card):
+        parts.append("prediction alone no better than the affine stage: use with --refine")
     return "; ".join(parts)
 
 

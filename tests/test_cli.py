@@ -367,3 +367,25 @@ def test_a_cards_inference_size_sets_the_default_working_grid(pair, shipped, cap
     assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
     metrics = json.loads((d / "o" / "metrics.json").read_text(encoding="utf-8"))
     assert max(metrics["working_grid"]["shape_zyx"]) == 48
+
+
+def test_a_checkpoint_below_the_affine_stage_is_flagged(pair, shipped, capsys):
+    from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
+
+    model, card = load_checkpoint(shipped)
+    below = {"mindboggle_mean_dice": 0.40, "mindboggle_mean_dice_affine_stage": 0.419}
+    save_checkpoint(shipped, model, {**card, "metrics": below})
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "Mindboggle Dice 0.400 (affine stage alone 0.419)" in out
+    assert "no better than the affine stage: use with --refine" in out
+    d, f, m = pair
+    run = ["register", str(f), str(m), "--device", "cpu", "-q"]
+    assert main([*run, "-o", str(d / "o")]) == 0
+    assert "does not beat the affine stage alone (0.419); refine" in capsys.readouterr().err
+    assert main([*run, "-o", str(d / "r"), "--refine", "2"]) == 0
+    assert "affine stage" not in capsys.readouterr().err  # refining: nothing to warn about
+    above = {"mindboggle_mean_dice": 0.45, "mindboggle_mean_dice_affine_stage": 0.419}
+    save_checkpoint(shipped, model, {**card, "metrics": above})
+    assert main([*run, "-o", str(d / "a")]) == 0
+    assert "affine stage" not in capsys.readouterr().err

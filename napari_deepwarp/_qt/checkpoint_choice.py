@@ -12,6 +12,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from napari_deepwarp.core.checkpoint import (
     CheckpointError,
+    below_affine_stage,
     default_checkpoint,
     read_card,
     shipped_checkpoints,
@@ -54,6 +55,9 @@ def card_summary(card: dict) -> str:
                 for k, v in list(metrics.items())[:4]
             )
         )
+    caveat = below_affine_stage(card)
+    if caveat:
+        lines.append("note: " + caveat.replace("(--refine 150)", "(tuning: field refinement)"))
     if card.get("parent"):
         lines.append(f"fine-tuned from {card['parent'].get('name')} on {card.get('tuned_on')}")
     return "\n".join(line for line in lines if line)

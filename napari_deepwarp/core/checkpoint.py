@@ -389,6 +389,25 @@ def shipped_checkpoints(folder: PathLike | None = None) -> list[tuple[Path, dict
     return sorted(found, key=lambda item: (item[1]["architecture"], item[0].name))
 
 
+#: Dice above the affine stage alone that counts as "beats it" (run-to-run noise is ~0.001)
+AFFINE_MARGIN = 0.01
+
+
+def below_affine_stage(card: dict[str, Any]) -> str | None:
+    """A warning when the card's own benchmark shows this checkpoint's prediction no better
+    than the affine stage alone (mean Dice on the Mindboggle pairs, same run), else None."""
+    metrics = card.get("metrics") or {}
+    dice = metrics.get("mindboggle_mean_dice")
+    affine = metrics.get("mindboggle_mean_dice_affine_stage")
+    if dice is None or affine is None or dice > affine + AFFINE_MARGIN:
+        return None
+    return (
+        f"on the Mindboggle benchmark this checkpoint's prediction (Dice {dice:.3f}) does not "
+        f"beat the affine stage alone ({affine:.3f}); refine the field (--refine 150) or "
+        "fine-tune, or pick the default checkpoint"
+    )
+
+
 def default_checkpoint(
     architecture: str | None = None, folder: PathLike | None = None
 ) -> Path | None:

@@ -204,3 +204,9 @@ def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
     card = {"architecture": "fcn_ms", "working_shape": [32, 32, 32], "inference_size": 48}
     assert "trained at 32x32x32; runs at 48 voxels" in card_summary(card)
     assert "runs at" not in card_summary({"architecture": "fcn_ms"})
+    below = {"mindboggle_mean_dice": 0.38, "mindboggle_mean_dice_affine_stage": 0.419}
+    summary = card_summary({"architecture": "cfwn", "metrics": below})
+    assert "does not beat the affine stage alone (0.419)" in summary
+    assert "field refinement" in summary
+    above = {"mindboggle_mean_dice": 0.5, "mindboggle_mean_dice_affine_stage": 0.419}
+    assert "affine stage alone" not in card_summary({"architecture": "cfwn", "metrics": above})
