@@ -366,10 +366,10 @@ def _bin_index(t: torch.Tensor, bins: int) -> torch.Tensor:
     t = t.reshape(-1)
     lo, hi = torch.aminmax(t)
     if (hi - lo).item() == 0:
-        return torch.zeros_like(t, dtype=torch.int64)
+        return torch.zeros_like(t, dtype=torch.int32)
     x = t - lo
     x.div_(hi - lo).mul_(bins).floor_()  # the same operations, in place: floor((t-lo)/(hi-lo)*b)
-    return x.to(torch.int64).clamp_(0, bins - 1)
+    return x.to(torch.int32).clamp_(0, bins - 1)  # int32: bincount runs twice as fast
 
 
 def _mi_from_bins(ia: torch.Tensor, ib: torch.Tensor, bins: int, dtype) -> float:
