@@ -53,14 +53,20 @@ def main() -> None:
     for path in args.benchmark:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
         reference = next(e for e in report["checkpoints"] if "path" not in e)
+        affine_dice = reference["results"].get("inference", {}).get("dice")  # none: fine-tune only
         for entry in report["checkpoints"]:
             if "path" in entry:
-                affine[Path(entry["path"]).name] = reference["results"]["inference"]["dice"]
                 name = Path(entry["path"]).name
+                if affine_dice is not None:
+                    affine[name] = affine_dice
                 measured.setdefault(name, {}).update(entry["results"])
                 commands.setdefault(name, []).append(report["command"])
     trained = sorted(p for p in Path(args.trained).glob("*.pt") if not p.name.endswith(".state.pt"))
-    better = [p for p in trained if p.name in measured and _gain(measured, affine, p) > MARGIN]
+    better = [
+        p
+        for p in trained
+        if "inference" in measured.get(p.name, {}) and _gain(measured, affine, p) > MARGIN
+    ]
     best = max(better, key=lambda p: _gain(measured, affine, p), default=None)
     if best is None:
         print("no checkpoint beats the affine stage on the benchmark: none is marked default")
