@@ -38,29 +38,42 @@ def _working(card: dict) -> str:
 
 
 def card_summary(card: dict) -> str:
-    """A few lines about a checkpoint card, for tooltips and the card panel."""
+    """A few lines about a checkpoint card, for tooltips and the card panel; a caveat first."""
     training = card.get("training") or {}
     metrics = card.get("metrics") or {}
+    caveat = below_affine_stage(card)
     lines = [
         f"{card.get('name') or card['architecture']} ({card['architecture']})",
+        "note: " + caveat.replace("(--refine 150)", "(fine-tuning: field refinement)")
+        if caveat
+        else "",
         card.get("description") or "",
         f"modality: {card.get('modality') or '?'}; {_working(card)}",
         f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
+        _metrics_line(metrics),
     ]
-    if metrics:
-        lines.append(
-            "metrics: "
-            + ", ".join(
-                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in list(metrics.items())[:4]
-            )
-        )
-    caveat = below_affine_stage(card)
-    if caveat:
-        lines.append("note: " + caveat.replace("(--refine 150)", "(tuning: field refinement)"))
     if card.get("parent"):
         lines.append(f"fine-tuned from {card['parent'].get('name')} on {card.get('tuned_on')}")
     return "\n".join(line for line in lines if line)
+
+
+def _metrics_line(metrics: dict) -> str:
+    """The benchmark Dice (beside the affine stage's) and the validation Dice where the card
+    has them, else its first few metrics."""
+    parts = []
+    if metrics.get("mindboggle_mean_dice") is not None:
+        text = f"Mindboggle Dice {metrics['mindboggle_mean_dice']:.3f}"
+        if metrics.get("mindboggle_mean_dice_affine_stage") is not None:
+            text += f" (affine stage alone {metrics['mindboggle_mean_dice_affine_stage']:.3f})"
+        parts.append(text)
+    if metrics.get("validation_mean_dice") is not None:
+        parts.append(f"validation Dice {metrics['validation_mean_dice']:.3f}")
+    if not parts:
+        parts = [
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in list(metrics.items())[:4]
+        ]
+    return ("metrics: " + "; ".join(parts)) if parts else ""
 
 
 class CheckpointChoice:
