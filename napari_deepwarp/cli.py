@@ -375,7 +375,7 @@ def cmd_models(args) -> int:
 
 def _card_summary(path, card: dict) -> str:
     """One line for a checkpoint: file, default mark, data, steps, size, hardware, Dice."""
-    from napari_deepwarp.core.checkpoint import below_affine_stage
+    from napari_deepwarp.core.checkpoint import below_affine_stage, benchmark_dice
 
     training, metrics = card.get("training") or {}, card.get("metrics") or {}
     parts = [path.name + (" (default)" if card.get("default") else "")]
@@ -389,15 +389,10 @@ def _card_summary(path, card: dict) -> str:
         parts.append(f"runs at {card['inference_size']} voxels")
     if training.get("duration_s") is not None:
         parts.append(f"{training['duration_s'] / 60:.0f} min on {training.get('hardware')}")
-    for key, label in (
-        ("validation_mean_dice", "validation Dice"),
-        ("mindboggle_mean_dice", "Mindboggle Dice"),
-    ):
-        if metrics.get(key) is not None:
-            parts.append(f"{label} {metrics[key]:.3f}")
-    affine = metrics.get("mindboggle_mean_dice_affine_stage")
-    if metrics.get("mindboggle_mean_dice") is not None and affine is not None:
-        parts[-1] += f" (affine stage alone {affine:.3f})"
+    if metrics.get("validation_mean_dice") is not None:
+        parts.append(f"validation Dice {metrics['validation_mean_dice']:.3f}")
+    if benchmark_dice(metrics):
+        parts.append(benchmark_dice(metrics))
     if below_affine_stage(card):
         parts.append("prediction alone no better than the affine stage: use with --refine")
     return "; ".join(parts)

@@ -20,12 +20,12 @@ import argparse
 import json
 from pathlib import Path
 
-from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
+from napari_deepwarp.core.checkpoint import AFFINE_MARGIN, load_checkpoint, save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 LIMIT_MB = 50.0
 #: Dice above the affine stage that a default must reach ("clearly above", not run-to-run noise)
-MARGIN = 0.01
+MARGIN = AFFINE_MARGIN
 
 
 def _gain(measured: dict, affine: dict, path: Path) -> float:

@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QFileDialog
 from napari_deepwarp.core.checkpoint import (
     CheckpointError,
     below_affine_stage,
+    benchmark_dice,
     default_checkpoint,
     read_card,
     shipped_checkpoints,
@@ -60,12 +61,7 @@ def card_summary(card: dict) -> str:
 def _metrics_line(metrics: dict) -> str:
     """The benchmark Dice (beside the affine stage's) and the validation Dice where the card
     has them, else its first few metrics."""
-    parts = []
-    if metrics.get("mindboggle_mean_dice") is not None:
-        text = f"Mindboggle Dice {metrics['mindboggle_mean_dice']:.3f}"
-        if metrics.get("mindboggle_mean_dice_affine_stage") is not None:
-            text += f" (affine stage alone {metrics['mindboggle_mean_dice_affine_stage']:.3f})"
-        parts.append(text)
+    parts = [benchmark_dice(metrics)] if benchmark_dice(metrics) else []
     if metrics.get("validation_mean_dice") is not None:
         parts.append(f"validation Dice {metrics['validation_mean_dice']:.3f}")
     if not parts:

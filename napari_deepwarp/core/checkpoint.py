@@ -393,6 +393,17 @@ def shipped_checkpoints(folder: PathLike | None = None) -> list[tuple[Path, dict
 AFFINE_MARGIN = 0.01
 
 
+def benchmark_dice(metrics: dict[str, Any]) -> str | None:
+    """``"Mindboggle Dice 0.527 (affine stage alone 0.419)"`` from a card's metrics, or None."""
+    dice = metrics.get("mindboggle_mean_dice")
+    if dice is None:
+        return None
+    affine = metrics.get("mindboggle_mean_dice_affine_stage")
+    return f"Mindboggle Dice {dice:.3f}" + (
+        "" if affine is None else f" (affine stage alone {affine:.3f})"
+    )
+
+
 def below_affine_stage(card: dict[str, Any]) -> str | None:
     """A warning when the card's own benchmark shows this checkpoint's prediction no better
     than the affine stage alone (mean Dice on the Mindboggle pairs, same run), else None."""
