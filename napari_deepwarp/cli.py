@@ -444,6 +444,13 @@ def _add_train(sub) -> None:
         help="add a soft Dice term on the pairs' label maps (synthetic pairs always have them)",
     )
     p.add_argument(
+        "--field-weight",
+        type=float,
+        default=0.0,
+        help="synthetic pairs: add the squared endpoint error to their true field (supervised "
+        "flow loss, FlowNet style), e.g. to start a coarse-to-fine network off the identity",
+    )
+    p.add_argument(
         "--contrast",
         choices=["same", "independent"],
         default="same",
@@ -536,6 +543,7 @@ def cmd_train(args) -> int:
         similarity=args.similarity,
         reg_weight=args.reg_weight,
         labels_weight=args.labels_weight,
+        field_weight=args.field_weight,
         contrast=args.contrast,
         synth=_config_overrides(args.synth),
         checkpoint_every=args.checkpoint_every,

@@ -52,15 +52,17 @@ class SynthSource:
 
     description = "synthetic pairs (random label maps, random contrasts, random smooth warps)"
 
-    def __init__(self, settings: SynthSettings | None = None, seed: int = 0):
-        self.settings, self.seed = settings or SynthSettings(), seed
+    def __init__(self, settings: SynthSettings | None = None, seed: int = 0, field: bool = False):
+        """``field``: each batch also holds ``field``, the true pull field (:mod:`synth`)."""
+        self.settings, self.seed, self.field = settings or SynthSettings(), seed, field
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.settings.shape)
 
     def batch(self, step: int, rank: int, size: int, device) -> dict[str, torch.Tensor]:
-        return synthetic_pair(self.settings, size, _seed(self.seed, step, rank), device)
+        seed = _seed(self.seed, step, rank)
+        return synthetic_pair(self.settings, size, seed, device, field=self.field)
 
 
 @dataclass

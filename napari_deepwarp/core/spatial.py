@@ -358,6 +358,21 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return first + warp(second, first, padding="border")
 
 
+def invert(disp: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """Inverse ``w`` of ``p -> p + disp(p)`` (voxels, ``(B, 3, D, H, W)``), by fixed-point
+    iteration of ``w(q) = -disp(q + w(q))``: the map takes ``q + w(q)`` to ``q`` for every
+    voxel ``q``, i.e. ``compose(w, disp) ~= 0``, and pulling through ``w`` undoes pulling
+    through ``disp``: ``warp(warp(img, disp), w) ~= img``.
+
+    Converges where the map is a contraction perturbation of the identity (``|grad disp| < 1``);
+    outside the grid ``disp`` is extended by its border values.
+    """
+    inverse = -disp
+    for _ in range(iterations):
+        inverse = -warp(disp, inverse, padding="border")
+    return inverse
+
+
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """Scaling and squaring of a stationary velocity field ``(B, 3, D, H, W)`` (voxels).
 

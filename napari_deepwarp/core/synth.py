@@ -149,9 +149,14 @@ def labels_to_image(
 
 
 def synthetic_pair(
-    s: SynthSettings | None = None, batch: int = 1, seed: int | None = None, device="cpu"
+    s: SynthSettings | None = None,
+    batch: int = 1,
+    seed: int | None = None,
+    device="cpu",
+    field: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``.
+    """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``;
+    with ``field``, also ``field``: the true moving-to-fixed pull field (:func:`true_field`).
 
     Both label maps are the same random anatomy under two independent random transforms;
     each image has its own random contrast (or, with ``s.same_contrast``, both share the
@@ -164,17 +169,28 @@ def synthetic_pair(
     if s.background > 0:
         anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
     anatomy = anatomy.float()
-    labels = [
-        spatial.warp(anatomy, random_deformation(s, batch, g, device), mode="nearest").long()
-        for _ in range(2)
-    ]
+    deformations = [random_deformation(s, batch, g, device) for _ in range(2)]
+    labels = [spatial.warp(anatomy, d, mode="nearest").long() for d in deformations]
     shared = None
     if s.same_contrast:
         n = int(anatomy.max()) + 1
         shared = [_intensities(n, s, g, device) for _ in range(batch)]
-    return {
+    pair = {
         "moving": labels_to_image(labels[0], s, g, shared),
         "fixed": labels_to_image(labels[1], s, g, shared),
         "moving_labels": labels[0],
         "fixed_labels": labels[1],
     }
+    if field:
+        pair["field"] = true_field(deformations[1], deformations[0])
+    return pair
+
+
+def true_field(fixed_deformation: torch.Tensor, moving_deformation: torch.Tensor) -> torch.Tensor:
+    """The pull field ``u`` that registers the pair exactly: ``moving(p + u(p)) = fixed(p)``.
+
+    Both sides are the anatomy ``A`` pulled through their deformation (``fixed(p) = A(p +
+    f(p))``, ``moving(q) = A(q + m(q))``), so ``u = compose(f, invert(m))``; ``(B, 3, D, H, W)``
+    voxels. No random draw: asking for it leaves the pair itself unchanged.
+    """
+    return spatial.compose(fixed_deformation, spatial.invert(moving_deformation))

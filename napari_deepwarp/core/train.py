@@ -63,7 +63,9 @@ class TrainSettings:
     data: ``"synth"``, a folder of volumes or a CSV (see :mod:`datasets`); shape: training grid
     (z, y, x); similarity: None for the model's own loss, else a name of
     :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
-    Dice term on the pairs' label maps (as SynthMorph does; 0: off); contrast: synthetic pairs
+    Dice term on the pairs' label maps (as SynthMorph does; 0: off); field_weight: adds the mean
+    squared endpoint error (voxels^2) to the true field of synthetic pairs, the supervised
+    endpoint-error loss of optical-flow networks (FlowNet) (0: off); contrast: synthetic pairs
     with the ``"same"`` per-label intensities on both sides (for same-modality losses) or
     ``"independent"`` ones (for multi-modal losses such as MI); synth: overrides of
     :class:`SynthSettings` fields (e.g. smaller affine jitter for pairs that the affine stage
@@ -86,6 +88,7 @@ class TrainSettings:
     similarity: str | None = None
     reg_weight: float = 1.0
     labels_weight: float = 0.0
+    field_weight: float = 0.0
     contrast: str = "same"
     synth: dict = field(default_factory=dict)
     checkpoint_every: int = 100
@@ -179,6 +182,10 @@ def _objective(model: RegistrationModel, settings: TrainSettings):
             term = _labels_term(output.displacement, batch["moving_labels"], batch["fixed_labels"])
             total = total + settings.labels_weight * term
             terms = {**terms, "labels": float(term.detach())}
+        if settings.field_weight > 0:
+            term = (output.displacement - batch["field"]).square().sum(1).mean()
+            total = total + settings.field_weight * term
+            terms = {**terms, "field": float(term.detach())}
         return total, terms
 
     return loss
@@ -196,7 +203,11 @@ def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: tor
 
 def _source(settings: TrainSettings):
     if settings.data == "synth":
-        return SynthSource(synth_settings(settings), settings.seed)
+        return SynthSource(synth_settings(settings), settings.seed, settings.field_weight > 0)
+    if settings.field_weight > 0:
+        raise InputError(
+            "--field-weight needs --data synth: only synthetic pairs come with their true field"
+        )
     return VolumeSource(settings.data, tuple(settings.shape), _cache(settings), settings.seed)
 
 
@@ -434,6 +445,11 @@ def _card(
         describe = getattr(model, "loss_description", None)
         base = fields.get("loss") or (describe() if callable(describe) else {})
         fields["loss"] = {**base, "labels": {"name": "soft_dice", "weight": settings.labels_weight}}
+    if settings.field_weight > 0:
+        describe = getattr(model, "loss_description", None)
+        base = fields.get("loss") or (describe() if callable(describe) else {})
+        field_term = {"name": "squared endpoint error to the true synthetic field (voxels^2)"}
+        fields["loss"] = {**base, "field": {**field_term, "weight": settings.field_weight}}
     if settings.data == "synth":
         fields["training"]["synthetic_pairs"] = dataclasses.asdict(synth_settings(settings))
     if settings.name:

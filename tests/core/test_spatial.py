@@ -102,6 +102,15 @@ def test_integrate_velocity_translation_and_inverse():
     assert spatial.jacobian_determinant(forward).min() > 0
 
 
+def test_invert_undoes_a_smooth_field():
+    d = smooth_field((20, 22, 18), 3.0, 5)
+    w = spatial.invert(d)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    # q + w(q) lands where p -> p + d(p) takes it to q: w(q) + d(q + w(q)) = 0
+    assert spatial.compose(w, d)[inner].abs().max() < 1e-3
+    assert spatial.compose(-d, d)[inner].abs().max() > 0.1  # the naive inverse is not one
+
+
 def test_resize_field_scales_values_and_keeps_the_map():
     """A linear displacement resized to a finer grid is the same physical map."""
     old, new = (9, 11, 7), (17, 21, 13)

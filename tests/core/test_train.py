@@ -14,7 +14,9 @@ from conftest import run_generator
 from napari_deepwarp.core import datasets
 from napari_deepwarp.core.checkpoint import load_checkpoint, read_card
 from napari_deepwarp.core.io import InputError
-from napari_deepwarp.core.train import TrainSettings, state_path, train
+from napari_deepwarp.core.models.registry import create_model
+from napari_deepwarp.core.synth import SynthSettings
+from napari_deepwarp.core.train import TrainSettings, _objective, state_path, train
 
 
 def settings(tmp_path, name="vm.pt", **kw):
@@ -139,6 +141,37 @@ def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one
     card = read_card(tmp_path / "vm.pt")
     assert "pairs.csv" in card["training"]["data"] and "pairs.csv" in card["metrics"]["validation"]
     assert result.val_dice_before > 0.5  # same anatomy, affinely aligned
+
+
+def test_field_supervision_pulls_the_prediction_to_the_true_field(tmp_path, one_thread):
+    run = settings(tmp_path, field_weight=2.0, labels_weight=1.0)
+    model = create_model("voxelmorph")
+    batch = datasets.SynthSource(SynthSettings(shape=(32, 32, 32)), seed=1, field=True).batch(
+        1, 0, 1, "cpu"
+    )
+    objective = _objective(model, run)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    errors = []
+    for _ in range(25):
+        optimiser.zero_grad()
+        output = model(batch["moving"], batch["fixed"])
+        loss, terms = objective(output, batch)
+        loss.backward()
+        optimiser.step()
+        epe = (output.displacement - batch["field"]).square().sum(1).mean()
+        assert terms["field"] == pytest.approx(float(epe), rel=1e-5)
+        errors.append(terms["field"])
+    assert errors[-1] < 0.5 * errors[0]
+
+
+def test_field_supervision_is_logged_and_carded(tmp_path, one_thread):
+    run_generator(train(settings(tmp_path, steps=2, field_weight=1.0)))
+    log = (tmp_path / "vm.log.jsonl").read_text(encoding="utf-8").splitlines()
+    assert all("field" in json.loads(ln) for ln in log if "loss" in json.loads(ln))
+    loss = read_card(tmp_path / "vm.pt")["loss"]
+    assert loss["field"]["weight"] == 1.0 and "similarity" in loss
+    with pytest.raises(InputError, match="--field-weight needs --data synth"):
+        run_generator(train(settings(tmp_path, "b.pt", data=str(tmp_path), field_weight=1.0)))
 
 
 def test_bad_data_is_refused(tmp_path):

@@ -53,6 +53,12 @@ Where the paper is vague, this implementation chooses (and the config can change
 * The flow convolutions start at ``normal(0, 1e-5)`` weights and zero bias, so the untrained
   network predicts the identity transform (as VoxelMorph's head); there are no normalisation
   layers (the paper mentions none).
+* Initialisation (not given): every other convolution is He-initialised for its LeakyReLU
+  (``kaiming_normal_``, zero bias), the usual choice for a deep plain stack (no skips, no
+  normalisation) such as FlowNet [10], whose correlation layer CFWN takes. With
+  PyTorch's default initialisation the signal that depends on the input shrinks about four-fold
+  per layer: at the bottom level, after eight encoder convolutions, it is 1 % of the features'
+  spread, the estimators see a constant, and training settled on a constant sub-voxel shift.
 * NLCC windows (Sec. 2.3: "linearly decreases from the top level to the bottom level"; sizes not
   given): ``9, 7, 5, 3`` from level 1 (full resolution, VoxelMorph's 9 of [5]) to level 4.
 
@@ -188,6 +194,11 @@ class CFWN(RegistrationModel):
                 prev = width
             self.estimators.append(nn.Sequential(*convs))
             self.flows.append(FlowHead(prev, 3, init_std=float(cfg.flow_init_std)))
+        for module in [*self.encoder, *self.estimators]:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv3d):
+                    nn.init.kaiming_normal_(conv.weight, a=slope, nonlinearity="leaky_relu")
+                    nn.init.zeros_(conv.bias)
         self.transformer = SpatialTransformer(mode="linear", padding="border")
         self.levels = levels
         self.size_multiple = 2 ** (levels - 1)
