@@ -6,7 +6,12 @@ puts the moving image on the fixed grid, aligned.
 
 Method: a centre-of-mass initialisation (image moments of a crude Otsu foreground), then a rigid
 (``Euler3DTransform``) and an affine stage, each optimised with regular-step gradient descent on
-Mattes mutual information (or correlation) over a small multi-resolution pyramid. The images are
+Mattes mutual information (or correlation) over a small multi-resolution pyramid. Where the
+scanners' own alignment (the identity in physical space) scores a better metric than the
+centre-of-mass start, registration starts from it instead: two scans of one session with
+different fields of view are already aligned, yet the centres of their foregrounds can lie
+centimetres apart. The metric is
+sampled at random with a fixed seed, so a run is repeatable. The images are
 first block-averaged to a coarse working spacing (3 mm by default) and the metric is sampled on
 the fixed foreground plus a margin: on Mindboggle T1 pairs (two cores) that takes about 1 s for a
 mean label Dice of 0.43, as good as full-resolution runs that take minutes
@@ -35,11 +40,14 @@ class AffineSettings:
 
     ``stages``: ``"rigid"`` and/or ``"affine"``, in order; ``()`` applies the initialiser only and
     ``("none",)`` returns the identity. Registration runs on images block-averaged to about
-    ``working_spacing`` mm, then over a pyramid of ``shrink_factors`` (relative to the working
+    ``working_spacing`` mm (finer for a small field of view: the largest side keeps at least
+    ``min_working_voxels`` voxels), then over a pyramid of ``shrink_factors`` (relative to the working
     grid) with Gaussian ``smoothing_sigmas`` (mm), ``iterations`` per level. Without a fixed mask
     the metric is sampled on the fixed Otsu foreground grown by ``foreground_margin_mm`` (``None``:
     everywhere); ``sampling_percentage`` is the fraction of working voxels drawn at random (with
-    ``seed``), of which those outside the mask are dropped; ``1`` samples every voxel.
+    ``seed``; 0 would be SimpleITK's wall clock, a different result every run), of which those
+    outside the mask are dropped; ``1`` samples every voxel. ``also_from_header``: start from the
+    identity (the headers' alignment) instead of the initialiser where its metric is better.
     """
 
     stages: Sequence[str] = STAGES
@@ -50,6 +58,7 @@ class AffineSettings:
     sampling_percentage: float = 0.5
     foreground_margin_mm: float | None = 9.0
     working_spacing: float | None = 3.0
+    min_working_voxels: int = 48
     shrink_factors: Sequence[int] = (2, 1)
     smoothing_sigmas: Sequence[float] = (2.0, 1.0)
     iterations: int = 100
@@ -57,7 +66,8 @@ class AffineSettings:
     min_step: float = 1e-2
     relaxation: float = 0.7  # step shrink factor when the gradient turns back
     initializer: str = "moments"  # "moments" (centre of the Otsu foreground), "geometry", "none"
-    seed: int = 0
+    seed: int = 1
+    also_from_header: bool = True
     threads: int | None = None  # None: SimpleITK's global default
 
 
@@ -99,10 +109,14 @@ def _as_image(x, like: Volume | None = None, pixel=sitk.sitkFloat32) -> sitk.Ima
     return sitk.Cast(x, pixel)
 
 
-def _working(img: sitk.Image, spacing: float | None) -> sitk.Image:
-    """Block-average ``img`` by integer factors towards ``spacing`` mm (anti-aliased, fast)."""
+def _working(img: sitk.Image, spacing: float | None, min_voxels: int = 0) -> sitk.Image:
+    """Block-average ``img`` by integer factors towards ``spacing`` mm (anti-aliased, fast), but
+    never so far that its largest physical side spans fewer than ``min_voxels`` voxels."""
     if not spacing:
         return img
+    extent = max(n * sp for n, sp in zip(img.GetSize(), img.GetSpacing()))
+    if min_voxels:
+        spacing = min(spacing, extent / min_voxels)
     factors = [max(1, round(spacing / s)) for s in img.GetSpacing()]
     return sitk.BinShrink(img, factors) if max(factors) > 1 else img
 
@@ -208,8 +222,8 @@ def align_affine(
 
     total = len(stages) + 1
     yield Progress(0, total, "affine: preparing images", stage="init")
-    f = _working(_as_image(fixed), s.working_spacing)
-    m = _working(_as_image(moving), s.working_spacing)
+    f = _working(_as_image(fixed), s.working_spacing, s.min_working_voxels)
+    m = _working(_as_image(moving), s.working_spacing, s.min_working_voxels)
     fm = _mask_on(_as_image(fixed_mask, fixed), f) if fixed_mask is not None else None
     mm = _mask_on(_as_image(moving_mask, moving), m) if moving_mask is not None else None
     tx: sitk.Transform = _initial(f, m, fm, mm, s.initializer)
@@ -217,24 +231,38 @@ def align_affine(
         fm = _grown_foreground(f, s.foreground_margin_mm)
     yield Progress(1, total, f"affine: initialised ({s.initializer})", stage="init")
 
-    history: list[float] = []
-    value = float("nan")
-    for i, stage in enumerate(stages):
-        if stage == "affine":
-            tx = _to_affine(tx)
+    def method(history: list[float]) -> sitk.ImageRegistrationMethod:
         reg = _method(s, history)
         if fm is not None:
             reg.SetMetricFixedMask(fm)
         if mm is not None:
             reg.SetMetricMovingMask(mm)
+        return reg
+
+    start_note = ""
+    if s.also_from_header and s.initializer != "none" and stages:
+        probe = method([])
+        probe.SetInitialTransform(sitk.Euler3DTransform(), inPlace=False)
+        header_value = probe.MetricEvaluate(f, m)
+        probe.SetInitialTransform(tx, inPlace=False)
+        if header_value < probe.MetricEvaluate(f, m):
+            tx, start_note = sitk.Euler3DTransform(), ", started from the headers' alignment"
+
+    history: list[float] = []
+    value = float("nan")
+    for i, stage in enumerate(stages):
+        if stage == "affine":
+            tx = _to_affine(tx)
+        reg = method(history)
         reg.SetInitialTransform(tx, inPlace=True)
         n0 = len(history)
         reg.Execute(f, m)
         value = reg.GetMetricValue()
+        note = start_note if i == 0 else ""
         yield Progress(
             i + 2,
             total,
-            f"affine: {stage} done, {len(history) - n0} iterations, metric {value:.4f}",
+            f"affine: {stage} done{note}, {len(history) - n0} iterations, metric {value:.4f}",
             stage=stage,
             loss=value,
         )

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from napari_deepwarp.core.affine import (
     AffineResult,
     AffineSettings,
+    _working,
     align_affine,
     run_affine,
     transform_matrix,
@@ -182,6 +183,52 @@ def test_cross_modality_mattes():
     assert _error_voxels(identity, truth, inside) > 3
     result = run_affine(fixed, moving, EXACT)
     assert _error_voxels(result, truth, inside) < 0.1
+
+
+def test_random_sampling_is_repeatable():
+    """A fixed sampling seed: the same inputs give the same transform (SimpleITK's seed 0 would
+    be its wall clock)."""
+    fixed, moving, _ = _pair(_affine(translation=(2.0, -1.5, 1.0)))
+    settings = AffineSettings(working_spacing=2.0, iterations=30)
+    assert settings.sampling_percentage < 1
+    first, second = (run_affine(fixed, moving, settings) for _ in range(2))
+    # equal up to the order of the threads' sums; another sample set moves it by ~1e-2 mm
+    assert np.abs(first.matrix() - second.matrix()).max() < 1e-6
+
+
+def _run_with_messages(fixed, moving, settings):
+    gen, messages = align_affine(fixed, moving, settings), []
+    while True:
+        try:
+            messages.append(next(gen).message)
+        except StopIteration as stop:
+            return stop.value, messages
+
+
+def test_scans_aligned_by_their_headers_stay_aligned():
+    """Two fields of view of one aligned scene: the foreground centres differ by centimetres,
+    so the centre-of-mass start is far off; the headers' alignment scores better and is kept."""
+    pts = _world_points(GRID)
+    fixed = Volume.on_grid(_phantom(pts).astype(np.float32), GRID, "fixed")
+    crop = (slice(0, 30), slice(None), slice(0, 36))  # the low corner: same origin and axes
+    cropped = Grid(
+        shape=(30, 60, 36), spacing=GRID.spacing, origin=GRID.origin, direction=GRID.direction
+    )
+    moving = Volume.on_grid(_phantom(pts[crop]).astype(np.float32), cropped, "moving")
+    inside = pts[crop][np.linalg.norm((pts[crop] - CENTRE) / BODY, axis=-1) <= 1]
+    start = run_affine(fixed, moving, dataclasses.replace(EXACT, stages=()))
+    assert _error_voxels(start, np.eye(4), inside) > 5  # the moments start alone
+    result, messages = _run_with_messages(fixed, moving, EXACT)
+    assert any("headers' alignment" in m for m in messages)
+    assert _error_voxels(result, np.eye(4), inside) < 1
+
+
+def test_small_fields_of_view_keep_enough_working_voxels():
+    small = sitk.Image([40, 30, 20], sitk.sitkFloat32)  # 1 mm voxels: 40 mm across
+    assert _working(small, 3.0, min_voxels=0).GetSize() == (13, 10, 6)
+    assert _working(small, 3.0, min_voxels=48).GetSize() == (40, 30, 20)
+    brain = sitk.Image([256, 256, 160], sitk.sitkFloat32)
+    assert _working(brain, 3.0, min_voxels=48).GetSize() == (85, 85, 53)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
