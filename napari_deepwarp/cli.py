@@ -121,6 +121,13 @@ def _add_method_options(p) -> None:
         metavar="STEPS",
         help="field refinement: optimise the displacement itself, coarse to fine (fast)",
     )
+    p.add_argument(
+        "--refine-similarity",
+        choices=["auto", "lncc", "mi"],
+        default="auto",
+        help="similarity of --refine (auto: mutual information for a multi-modal model such as "
+        "mi_unet, local NCC otherwise)",
+    )
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate")
     p.add_argument(
         "--similarity",
@@ -204,7 +211,7 @@ def _settings_and_model(args):
         finetune.learning_rate = args.lr
     finetune.similarity, finetune.reg_weight = args.similarity, args.reg_weight
     spacing = args.working_spacing or (card or {}).get("working_spacing_mm")
-    refine = RefineSettings(steps=max(0, args.refine))
+    refine = RefineSettings(steps=max(0, args.refine), similarity=args.refine_similarity)
     landmarks_weight = (
         getattr(args, "landmarks_weight", 0.0) if getattr(args, "landmarks", None) else 0.0
     )

@@ -164,7 +164,7 @@ BAD_CASES = {
     ),
     "tiny": (
         lambda d: write(
-            d / "bad.nii.gz", np.random.rand(6, 6, 6).astype(np.float32), origin=(5.0, 5.0, 5.0)
+            d / "bad.nii.gz", np.random.rand(3, 3, 3).astype(np.float32), origin=(5.0, 5.0, 5.0)
         ),
         "affine stage failed",
     ),

@@ -140,7 +140,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.similarity = QComboBox()
         self.similarity.addItems(SIMILARITIES)
         self.similarity.setToolTip(
-            "(default): the model's own loss when fine-tuning, local NCC when refining"
+            "(default): the model's own loss when fine-tuning; when refining, mutual "
+            "information for a multi-modal model (MI-UNet), local NCC otherwise"
         )
         self.reg_weight = _double(0, 1000, RefineSettings().reg_weight, "regularisation weight")
         self.labels_weight = _double(0, 1000, 0.0, "weight of the label (Dice) supervision")

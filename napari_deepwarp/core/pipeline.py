@@ -35,7 +35,7 @@ from napari_deepwarp.core.preprocess import (
     working_grid,
 )
 from napari_deepwarp.core.progress import Progress
-from napari_deepwarp.core.refine import RefineSettings, refine_field
+from napari_deepwarp.core.refine import RefineSettings, for_model, refine_field
 from napari_deepwarp.core.spatial import jacobian_determinant, sample, warp
 from napari_deepwarp.core.supervision import check_landmarks, supervision_on_grid
 from napari_deepwarp.core.volume import Grid, Volume
@@ -395,8 +395,9 @@ def register(
             seconds["finetune"] = time.perf_counter() - t
         if settings.refine.steps > 0:
             t = time.perf_counter()
+            refine = for_model(settings.refine, model.multimodal)
             refined = yield from _with_preview(
-                refine_field(mov_t, fix_t, field_w, settings.refine, supervision), mov_t, grid
+                refine_field(mov_t, fix_t, field_w, refine, supervision), mov_t, grid
             )
             field_w = refined.displacement
             seconds["refine"] = time.perf_counter() - t
@@ -423,6 +424,9 @@ def register(
         "affine_stage": affine is not None,
         "finetune_steps": settings.finetune.steps,
         "refine_steps": settings.refine.steps,
+        "refine_similarity": for_model(settings.refine, deformable and model.multimodal).similarity
+        if settings.refine.steps > 0
+        else None,
         "fixed_shape_zyx": list(fixed.shape),
         "working_grid": None
         if grid is None

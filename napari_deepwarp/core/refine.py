@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,14 +24,16 @@ from napari_deepwarp.core.supervision import Supervision
 @dataclass
 class RefineSettings:
     """steps: Adam steps in all; learning_rate: Adam's, in voxels of the level's grid;
-    similarity: a name of :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``;
+    similarity: a name of :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``, or
+    ``"auto"``: mutual information for a multi-modal model (see :func:`for_model`), else local
+    NCC (7^3 windows);
     reg_weight: weight of ``regulariser``; levels: downsampling factors, coarse to fine;
     labels_weight / landmarks_weight: weights of the supervision terms (0: off)."""
 
     steps: int = 150
     learning_rate: float = 0.2
-    similarity: str = "lncc"
-    similarity_kwargs: dict = field(default_factory=lambda: {"window": 7})
+    similarity: str = "auto"
+    similarity_kwargs: dict = field(default_factory=dict)
     regulariser: str = "diffusion"
     # 4.0: folding <= 0.1 % on Mindboggle pairs at the cost of ~0.02 Dice against 1.0
     reg_weight: float = 4.0
@@ -58,6 +60,17 @@ def _level_shape(shape, factor: int) -> tuple[int, ...]:
     return tuple(max(2, -(-n // factor)) for n in shape)
 
 
+def for_model(settings: RefineSettings, multimodal: bool) -> RefineSettings:
+    """``settings`` with an ``"auto"`` similarity made concrete: MI for a multi-modal model
+    (local NCC misreads a T1/T2 pair: on the spine pair it took cord Dice from 0.88 to 0.62 with
+    1 % folding, MI to 0.86-0.87), else local NCC over 7^3 windows."""
+    if settings.similarity != "auto":
+        return settings
+    if multimodal:
+        return replace(settings, similarity="mi", similarity_kwargs={})
+    return replace(settings, similarity="lncc", similarity_kwargs={"window": 7})
+
+
 def refine_field(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -74,7 +87,7 @@ def refine_field(
     ``supervision``: label maps and/or landmarks on the input grid, weighted by the settings; the
     terms see the level's field resized to the input grid.
     """
-    settings = settings or RefineSettings()
+    settings = for_model(settings or RefineSettings(), multimodal=False)
     start = time.perf_counter()
     shape = tuple(fixed.shape[2:])
     current = (

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import run_generator
 
 from napari_deepwarp.core.affine import AffineSettings
 from napari_deepwarp.core.finetune import FinetuneSettings
@@ -235,3 +236,27 @@ def test_stop_during_refinement_finishes_the_run_with_the_current_field():
         result = stop.value
     assert refine_events == 5
     assert result.metrics["mean_dice_after"] is not None and result.warped.grid.same_as(FIXED_GRID)
+
+
+@pytest.mark.parametrize(("model", "similarity"), [("voxelmorph", "lncc"), ("mi_unet", "mi")])
+def test_refinement_follows_the_models_modality(model, similarity, monkeypatch):
+    """A multi-modal model's field is refined with mutual information: local NCC misreads
+    pairs of different contrasts."""
+    from napari_deepwarp.core import refine
+    from napari_deepwarp.core.refine import RefineSettings
+
+    used = []
+    real = refine.losses.similarity_loss
+
+    def spy(name, **kwargs):
+        used.append(name)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(refine.losses, "similarity_loss", spy)
+    fixed, _ = blobs(FIXED_GRID)
+    moving, _ = blobs(MOVING_GRID)
+    settings = RegistrationSettings(
+        model=model, device="cpu", max_size=24, refine=RefineSettings(steps=3, levels=(1,))
+    )
+    result = run_generator(register(fixed, moving, settings))[1]
+    assert used == [similarity] and result.metrics["refine_similarity"] == similarity

@@ -97,6 +97,7 @@ class MIUNet(RegistrationModel):
         "one model for mono- and multi-modal pairs (T1/T2, MR/US); -MI + diffusion loss"
     )
     config_class = MIUNetConfig
+    multimodal = True
     size_multiple = 16
 
     def __init__(self, config: MIUNetConfig | None = None):

@@ -50,6 +50,8 @@ class RegistrationModel(nn.Module):
     config_class: ClassVar[type] = object
     #: the working grid's shape must be a multiple of this along each axis
     size_multiple: ClassVar[int] = 1
+    # trained for pairs of different contrasts (its similarity is mutual information)
+    multimodal: ClassVar[bool] = False
 
     def __init__(self, config=None):
         super().__init__()
