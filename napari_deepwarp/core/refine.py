@@ -63,7 +63,7 @@ def _level_shape(shape, factor: int) -> tuple[int, ...]:
 def for_model(settings: RefineSettings, multimodal: bool) -> RefineSettings:
     """``settings`` with an ``"auto"`` similarity made concrete: MI for a multi-modal model
     (local NCC misreads a T1/T2 pair: on the spine pair it took cord Dice from 0.88 to 0.62 with
-    1 % folding, MI to 0.86-0.87), else local NCC over 7^3 windows."""
+    1 % folding, MI to 0.85-0.87), else local NCC over 7^3 windows."""
     if settings.similarity != "auto":
         return settings
     if multimodal:

@@ -1,0 +1,143 @@
+"""Multi-modal pairs: `deepwarp register` on the shared prostate MR/US and spine T1/T2 pairs.
+
+    python -m benchmarks.multimodal --checkpoints mi_unet_synth_bg.pt voxelmorph_synth_bg.pt
+
+For the affine stage alone and for each checkpoint (a shipped name or a path), it runs the
+command line's own code path (files read to files written) on each pair and reports Dice of the
+label maps (prostate gland: the first of the three volumes of the 4D label file, written to a
+temporary 3D file on the image's grid; spinal cord) before, after the affine stage and after,
+folding % and seconds. With ``--refine N`` each checkpoint is also run with ``--refine N``. Writes JSON and a
+Markdown table to ``--out``. Needs ../shared/data (not shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from napari_deepwarp.cli import main as deepwarp
+from napari_deepwarp.core.checkpoint import shipped_checkpoints
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# name: (fixed image, moving image, fixed labels, moving labels), relative to DATA
+PAIRS = {
+    "prostate US <- MR": (
+        "prostate_mr_us/fixed_images_case000025.nii.gz",
+        "prostate_mr_us/moving_images_case000025.nii.gz",
+        "prostate_mr_us/fixed_labels_case000025.nii.gz",
+        "prostate_mr_us/moving_labels_case000025.nii.gz",
+    ),
+    "spine T2 <- T1": (
+        "spine_t1_t2/t2.nii.gz",
+        "spine_t1_t2/t1w.nii.gz",
+        "spine_t1_t2/t2_seg-manual.nii.gz",
+        "spine_t1_t2/t1w_seg-manual.nii.gz",
+    ),
+}
+
+
+def first_volume(labels: str, image: str, out: Path) -> str:
+    """The first 3D volume of a 4D label file, on ``image``'s grid, written under ``out``."""
+    stack = sitk.ReadImage(labels)
+    if stack.GetDimension() == 3:
+        return labels
+    volume = sitk.GetImageFromArray(sitk.GetArrayFromImage(stack)[0].astype("uint8"))
+    volume.CopyInformation(sitk.ReadImage(image))
+    path = out / Path(labels).name.replace(".nii.gz", "_first.nii.gz")
+    sitk.WriteImage(volume, str(path))
+    return str(path)
+
+
+def run(pair: str, extra: list[str]) -> dict:
+    fixed, moving, fixed_labels, moving_labels = (str(DATA / p) for p in PAIRS[pair])
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as scratch:
+        fixed_labels = first_volume(fixed_labels, fixed, Path(scratch))
+        moving_labels = first_volume(moving_labels, moving, Path(scratch))
+        start = time.perf_counter()
+        args = ["register", fixed, moving, "-o", out, "-q"]
+        args += ["--fixed-labels", fixed_labels, "--moving-labels", moving_labels, *extra]
+        if deepwarp(args) != 0:
+            raise SystemExit(f"deepwarp {' '.join(args)} failed")
+        wall = time.perf_counter() - start
+        metrics = json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
+    return {
+        "dice_before": metrics["mean_dice_before"],
+        "dice_affine": metrics.get("mean_dice_affine"),
+        "dice_after": metrics["mean_dice_after"],
+        "folding_percent": metrics["folding_percent"],
+        "wall_s": wall,
+    }
+
+
+def resolve(name: str) -> Path:
+    """A checkpoint path, or the shipped checkpoint of that file name."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = {p.name: p for p, _ in shipped_checkpoints()}
+    if name in shipped:
+        return shipped[name]
+    raise SystemExit(f"{name}: no such file and no shipped checkpoint of that name")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| pair | method | Dice before | after affine | after | folding % | s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        affine = "-" if r["dice_affine"] is None else f"{r['dice_affine']:.3f}"
+        lines.append(
+            f"| {r['pair']} | {r['method']} | {r['dice_before']:.3f} | {affine} | "
+            f"{r['dice_after']:.3f} | {r['folding_percent']:.3f} | {r['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", nargs="+", default=["mi_unet_synth_bg.pt"])
+    parser.add_argument("--refine", type=int, default=0, help="also run with --refine N")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="bench_out/multimodal")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} not found: this benchmark needs the shared volumes")
+    methods = [("affine stage alone", ["--model", "affine"])]
+    for name in args.checkpoints:
+        path = resolve(name)
+        methods.append((path.name, ["--checkpoint", str(path)]))
+        if args.refine:
+            extra = ["--checkpoint", str(path), "--refine", str(args.refine)]
+            methods.append((f"{path.name} --refine {args.refine}", extra))
+    rows = []
+    for pair in PAIRS:
+        for method, extra in methods:
+            row = {"pair": pair, "method": method, **run(pair, [*extra, "--device", args.device])}
+            rows.append(row)
+            print(f"{pair} | {method}: Dice {row['dice_after']:.3f}", flush=True)
+    report = {
+        "command": "python -m benchmarks.multimodal --checkpoints "
+        + " ".join(args.checkpoints)
+        + (f" --refine {args.refine}" if args.refine else ""),
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multimodal.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (out / "multimodal.md").write_text(markdown(rows) + "\n", encoding="utf-8")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
