@@ -6,7 +6,9 @@ For the affine stage alone and for each checkpoint (a shipped name or a path), i
 command line's own code path (files read to files written) on each pair and reports Dice of the
 label maps (prostate gland: the first of the three volumes of the 4D label file, written to a
 temporary 3D file on the image's grid; spinal cord) before, after the affine stage and after,
-folding % and seconds. With ``--refine N`` each checkpoint is also run with ``--refine N``. Writes JSON and a
+folding % and seconds. With ``--refine N`` each checkpoint is also run with ``--refine N``; with
+``--affine-from-labels`` everything is run again with the affine stage aligning the label maps
+(``--affine-from labels``; Dice is then not an independent check of that stage). Writes JSON and a
 Markdown table to ``--out``. Needs ../shared/data (not shipped).
 """
 
@@ -106,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", nargs="+", default=["mi_unet_synth_bg.pt"])
     parser.add_argument("--refine", type=int, default=0, help="also run with --refine N")
+    parser.add_argument("--affine-from-labels", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench_out/multimodal")
     args = parser.parse_args()
@@ -118,6 +121,11 @@ def main() -> None:
         if args.refine:
             extra = ["--checkpoint", str(path), "--refine", str(args.refine)]
             methods.append((f"{path.name} --refine {args.refine}", extra))
+    if args.affine_from_labels:
+        methods += [
+            (f"{method}, affine from labels", [*extra, "--affine-from", "labels"])
+            for method, extra in methods
+        ]
     rows = []
     for pair in PAIRS:
         for method, extra in methods:
@@ -127,7 +135,8 @@ def main() -> None:
     report = {
         "command": "python -m benchmarks.multimodal --checkpoints "
         + " ".join(args.checkpoints)
-        + (f" --refine {args.refine}" if args.refine else ""),
+        + (f" --refine {args.refine}" if args.refine else "")
+        + (" --affine-from-labels" if args.affine_from_labels else ""),
         "machine": f"{platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
         "rows": rows,

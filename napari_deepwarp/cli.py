@@ -108,6 +108,13 @@ def _add_method_options(p) -> None:
     )
     p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     p.add_argument(
+        "--affine-from",
+        choices=["images", "labels"],
+        default="images",
+        help="align the images (mutual information) or, where intensities cannot be related "
+        "(MR to ultrasound), the two label maps; Dice is then no longer an independent check",
+    )
+    p.add_argument(
         "--finetune",
         type=int,
         default=0,
@@ -232,6 +239,7 @@ def _settings_and_model(args):
     settings = RegistrationSettings(
         model=name,
         affine=not args.no_affine,
+        affine_from=getattr(args, "affine_from", "images"),
         device=args.device,
         seed=args.seed,
         modality=args.modality,

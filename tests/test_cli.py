@@ -389,3 +389,13 @@ def test_a_checkpoint_below_the_affine_stage_is_flagged(pair, shipped, capsys):
     save_checkpoint(shipped, model, {**card, "metrics": above})
     assert main([*run, "-o", str(d / "a")]) == 0
     assert "affine stage" not in capsys.readouterr().err
+
+
+def test_affine_from_labels_needs_both_label_maps(pair, capsys):
+    d, f, m = pair
+    code = main(
+        ["register", str(f), str(m), "-o", str(d / "out"), "--model", "affine"]
+        + ["--affine-from", "labels", "-q"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "label maps on both sides" in err and "\n" not in err

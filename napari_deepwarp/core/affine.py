@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -268,6 +268,34 @@ def align_affine(
         )
     seconds = time.perf_counter() - t0
     return AffineResult(_to_affine(tx), value, seconds, stages, history)
+
+
+def label_driven(
+    fixed_labels: Volume, moving_labels: Volume, settings: AffineSettings | None = None
+) -> tuple[Volume, Volume, AffineSettings]:
+    """What :func:`align_affine` needs to align two scans by their label maps instead of their
+    intensities: each map's foreground (label > 0) smoothed by ``sigma`` = 1 mm, and settings that
+    compare them by correlation over every voxel, starting from the centres of mass.
+
+    For pairs whose intensities mutual information cannot relate (MR to ultrasound): on the
+    shared prostate pair the gland Dice is 0.00 after the image-driven stage and 0.88 after this
+    one. The labels then also judge the result, so Dice after it is not an independent measure.
+    """
+
+    def smoothed(labels: Volume) -> Volume:
+        inside = sitk.Cast(_as_image(labels) > 0, sitk.sitkFloat32)
+        return Volume.from_sitk(sitk.SmoothingRecursiveGaussian(inside, 1.0), labels.name)
+
+    s = settings or AffineSettings()
+    label_settings = replace(
+        s,
+        metric="correlation",
+        initializer="moments",
+        also_from_header=False,
+        foreground_margin_mm=None,
+        sampling_percentage=1.0,
+    )
+    return smoothed(fixed_labels), smoothed(moving_labels), label_settings
 
 
 def run_affine(

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from napari_deepwarp.core import metrics as M
-from napari_deepwarp.core.affine import AffineSettings, align_affine
+from napari_deepwarp.core.affine import AffineSettings, align_affine, label_driven
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match, check_overlap
 from napari_deepwarp.core.models.registry import RegistrationModel, create_model
@@ -67,10 +67,13 @@ class RegistrationSettings:
     """model: registry name or ``"affine"`` (the affine stage alone); affine: run the affine stage;
     working_spacing: mm (None: chosen from the image, see ``working_grid``); max_size: largest
     working-grid side when the spacing is chosen; finetune: instance optimisation (steps=0: off);
-    refine: optimise the field itself after the network (steps=0: off)."""
+    refine: optimise the field itself after the network (steps=0: off); affine_from: what the
+    affine stage aligns, ``"images"`` (mutual information) or ``"labels"`` (the two label maps,
+    see :func:`affine.label_driven`; both must be given)."""
 
     model: str = "voxelmorph"
     affine: bool = True
+    affine_from: str = "images"
     device: str = "auto"
     seed: int = 0
     modality: str = "auto"
@@ -355,8 +358,20 @@ def register(
     affine = None
     if settings.affine or not deformable:
         t = time.perf_counter()
+        pair = (fixed, moving, settings.affine_settings)
+        if settings.affine_from == "labels":
+            if fixed_labels is None or moving_labels is None:
+                raise InputError(
+                    "an affine stage from labels needs label maps on both sides; add "
+                    "--fixed-labels and --moving-labels, or align from the images"
+                )
+            pair = label_driven(fixed_labels, moving_labels, settings.affine_settings)
+        elif settings.affine_from != "images":
+            raise InputError(
+                f"affine_from must be 'images' or 'labels', not {settings.affine_from!r}"
+            )
         try:
-            affine_result = yield from align_affine(fixed, moving, settings.affine_settings)
+            affine_result = yield from align_affine(*pair)
         except RuntimeError as exc:
             reason = next((ln for ln in str(exc).splitlines() if "ITK ERROR" in ln), str(exc))
             reason = reason.split(": ", 2)[-1].strip()[:160]
@@ -422,6 +437,7 @@ def register(
         "model": settings.model,
         "device": str(device),
         "affine_stage": affine is not None,
+        "affine_from": settings.affine_from if affine is not None else None,
         "finetune_steps": settings.finetune.steps,
         "refine_steps": settings.refine.steps,
         "refine_similarity": for_model(settings.refine, deformable and model.multimodal).similarity

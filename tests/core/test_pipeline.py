@@ -10,7 +10,9 @@ from conftest import run_generator
 
 from napari_deepwarp.core.affine import AffineSettings
 from napari_deepwarp.core.finetune import FinetuneSettings
+from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.pipeline import (
+    AFFINE_ONLY,
     RegistrationSettings,
     physical_map,
     register,
@@ -260,3 +262,24 @@ def test_refinement_follows_the_models_modality(model, similarity, monkeypatch):
     )
     result = run_generator(register(fixed, moving, settings))[1]
     assert used == [similarity] and result.metrics["refine_similarity"] == similarity
+
+
+def test_affine_stage_from_labels_aligns_what_intensities_cannot():
+    """Noise images, label maps of one ball 3-4 mm apart: only the labels can align them."""
+    grid = Grid((32, 32, 32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    z, y, x = np.meshgrid(*[np.arange(32.0)] * 3, indexing="ij")
+
+    def ball(centre):  # (x, y, z) mm
+        inside = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 < 8.0**2
+        return Volume.on_grid(inside.astype(np.uint8), grid, "labels")
+
+    rng = np.random.default_rng(0)
+    fixed, moving = (Volume.on_grid(rng.random((32, 32, 32), np.float32), grid) for _ in "ab")
+    fixed_labels, moving_labels = ball((15.0, 16.0, 15.5)), ball((18.0, 13.0, 17.5))
+    settings = RegistrationSettings(model=AFFINE_ONLY, device="cpu", affine_from="labels")
+    result = run_generator(register(fixed, moving, settings, None, fixed_labels, moving_labels))[1]
+    assert result.metrics["affine_from"] == "labels"
+    assert result.metrics["mean_dice_before"] < 0.75
+    assert result.metrics["mean_dice_after"] > 0.95
+    with pytest.raises(InputError, match="label maps on both sides"):
+        run_generator(register(fixed, moving, settings, None, fixed_labels, None))
