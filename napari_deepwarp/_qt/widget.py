@@ -131,6 +131,13 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         self.affine = QCheckBox("affine pre-alignment")
         self.affine.setChecked(True)
+        self.affine_from = QComboBox()
+        self.affine_from.addItems(["images", "labels"])
+        self.affine_from.setToolTip(
+            "what the affine stage aligns: the images (mutual information) or, where their "
+            "intensities cannot be related (MR to ultrasound), the two label layers; Dice then "
+            "no longer checks that stage independently"
+        )
         self.mode = QComboBox()
         for text, key in MODES:
             self.mode.addItem(text, key)
@@ -157,6 +164,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         form.addRow(self.card_panel)
         form.addRow("device", self.device)
         form.addRow(self.affine)
+        form.addRow("affine aligns", self.affine_from)
         form.addRow("fine-tuning", self.mode)
         form.addRow("steps", self.steps)
         form.addRow("similarity", self.similarity)
@@ -360,6 +368,11 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             labels[side] = vol
         fixed_points, moving_points = self._landmarks()
         settings = self._settings(labels, fixed_points is not None)
+        if settings.affine and settings.affine_from == "labels" and None in labels.values():
+            raise InputError(
+                "affine from labels: choose a label layer for both fixed and moving, or let the "
+                "affine stage align the images"
+            )
         checkpoint = self.checkpoint.currentData()
         use_checkpoint = checkpoint not in ("", BROWSE) and settings.model != AFFINE_ONLY
         return RunRequest(
@@ -420,6 +433,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         return RegistrationSettings(
             model=self.model.currentText(),
             affine=self.affine.isChecked(),
+            affine_from=self.affine_from.currentText(),
             device=self.device.currentText(),
             max_size=self.max_size.value(),
             finetune=finetune,
@@ -444,6 +458,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
                 parts.append(f"reg {tuned.reg_weight:g}")
         if not settings.affine and settings.model != AFFINE_ONLY:
             parts.append("no affine")
+        elif settings.affine and settings.affine_from == "labels":
+            parts.append("affine from labels")
         return " · ".join(parts)
 
     def run(self) -> None:

@@ -94,10 +94,13 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     assert w.compare.table.rowCount() == 1
     w.model.setCurrentText("affine")
     w.mode.setCurrentIndex(0)
+    w.affine_from.setCurrentText("labels")
     w.run()
     wait_idle(qtbot, w)
     assert w.compare.table.rowCount() == 2
     assert w.compare.table.item(1, 0).text().startswith("run 2 · affine")
+    assert "affine from labels" in w.compare.table.item(1, 0).text()
+    assert w.records[1].result.metrics["affine_from"] == "labels"
     assert float(w.compare.table.item(0, 1).text()) > 0  # mean Dice
     w.compare.select_runs({1, 2})
     w.compare.side_by_side.setChecked(True)
@@ -122,12 +125,15 @@ def test_cancel_during_refinement_leaves_the_layers_as_they_were(open_widget, no
     assert w.run_button.isEnabled()
 
 
-@pytest.mark.parametrize("bad", ["2d", "labels"])
+@pytest.mark.parametrize("bad", ["2d", "labels", "affine from labels"])
 def test_a_bad_choice_notifies_and_changes_nothing(open_widget, notes, bad):
     viewer, w = open_widget()
     if bad == "2d":
         viewer.add_image(np.random.rand(20, 30).astype(np.float32), name="flat")
         w.choosers["moving"].setCurrentText("flat")
+    elif bad == "affine from labels":
+        w.affine_from.setCurrentText("labels")
+        w.choosers["moving labels"].setCurrentText("(none)")
     else:
         viewer.add_labels(np.zeros((5, 6, 7), np.uint8), name="wrong labels")
         w.choosers["fixed labels"].setCurrentText("wrong labels")
@@ -136,7 +142,12 @@ def test_a_bad_choice_notifies_and_changes_nothing(open_widget, notes, bad):
     assert w.worker is None and w.records == []
     assert _names(viewer) == before
     (message,) = [n for n in notes if n.startswith("show_error")]
-    assert ("3D" in message) if bad == "2d" else ("wrong labels" in message and "shape" in message)
+    expected = {
+        "2d": ["3D"],
+        "labels": ["wrong labels", "shape"],
+        "affine from labels": ["label layer for both"],
+    }[bad]
+    assert all(e in message for e in expected), message
 
 
 def test_layers_are_picked_when_the_sample_opens_after_the_widget(open_widget):
