@@ -148,7 +148,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.similarity.addItems(SIMILARITIES)
         self.similarity.setToolTip(
             "(default): the model's own loss when fine-tuning; when refining, mutual "
-            "information for a multi-modal model (MI-UNet), local NCC otherwise"
+            "information for a multi-modal model (MI-UNet, with 3x the regularisation "
+            "weight), local NCC otherwise"
         )
         self.reg_weight = _double(0, 1000, RefineSettings().reg_weight, "regularisation weight")
         self.labels_weight = _double(0, 1000, 0.0, "weight of the label (Dice) supervision")

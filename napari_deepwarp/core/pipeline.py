@@ -417,6 +417,9 @@ def register(
             field_w = refined.displacement
             seconds["refine"] = time.perf_counter() - t
 
+    refine_used = None
+    if deformable and settings.refine.steps > 0:
+        refine_used = for_model(settings.refine, model.multimodal)
     t = time.perf_counter()
     yield Progress(0, 1, "warping at full resolution", stage="warp")
     full = warp_full_resolution(fixed.grid, affine, grid, field_w, moving, moving_labels, device)
@@ -440,9 +443,8 @@ def register(
         "affine_from": settings.affine_from if affine is not None else None,
         "finetune_steps": settings.finetune.steps,
         "refine_steps": settings.refine.steps,
-        "refine_similarity": for_model(settings.refine, deformable and model.multimodal).similarity
-        if settings.refine.steps > 0
-        else None,
+        "refine_similarity": refine_used.similarity if refine_used else None,
+        "refine_reg_weight": refine_used.reg_weight if refine_used else None,
         "fixed_shape_zyx": list(fixed.shape),
         "working_grid": None
         if grid is None

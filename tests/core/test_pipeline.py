@@ -262,6 +262,7 @@ def test_refinement_follows_the_models_modality(model, similarity, monkeypatch):
     )
     result = run_generator(register(fixed, moving, settings))[1]
     assert used == [similarity] and result.metrics["refine_similarity"] == similarity
+    assert result.metrics["refine_reg_weight"] == (12.0 if similarity == "mi" else 4.0)
 
 
 def test_affine_stage_from_labels_aligns_what_intensities_cannot():
