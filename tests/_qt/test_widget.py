@@ -8,7 +8,13 @@ import pytest
 from qt_helpers import wait_idle
 
 from napari_deepwarp._qt.compare import _grid
-from napari_deepwarp.core.checkpoint import load_checkpoint, make_card, save_checkpoint
+from napari_deepwarp.core.checkpoint import (
+    default_checkpoint,
+    load_checkpoint,
+    make_card,
+    read_card,
+    save_checkpoint,
+)
 from napari_deepwarp.core.io import read_volume
 from napari_deepwarp.core.models.registry import create_model
 from napari_deepwarp.layers import data_to_world
@@ -37,7 +43,8 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     assert not [n for n in notes if n.startswith("show_error")], notes
     (record,) = w.records
     prefix = record.name
-    assert prefix.startswith("run 1 · voxelmorph") and "refine 20" in prefix
+    default = read_card(default_checkpoint())["architecture"]  # the widget opens on the default
+    assert prefix.startswith(f"run 1 · {default}") and "refine 20" in prefix
     fixed = viewer.layers["sample fixed"]
     for kind in (
         "warped",
