@@ -384,6 +384,7 @@ def register(
         seconds["affine"] = time.perf_counter() - t
 
     grid, field_w = None, None
+    refine_used: RefineSettings | None = None  # the refinement settings actually used
     if deformable:
         t = time.perf_counter()
         yield Progress(0, 1, "predicting the deformation", stage="predict")
@@ -410,16 +411,13 @@ def register(
             seconds["finetune"] = time.perf_counter() - t
         if settings.refine.steps > 0:
             t = time.perf_counter()
-            refine = for_model(settings.refine, model.multimodal)
+            refine_used = for_model(settings.refine, model.multimodal)
             refined = yield from _with_preview(
-                refine_field(mov_t, fix_t, field_w, refine, supervision), mov_t, grid
+                refine_field(mov_t, fix_t, field_w, refine_used, supervision), mov_t, grid
             )
             field_w = refined.displacement
             seconds["refine"] = time.perf_counter() - t
 
-    refine_used = None
-    if deformable and settings.refine.steps > 0:
-        refine_used = for_model(settings.refine, model.multimodal)
     t = time.perf_counter()
     yield Progress(0, 1, "warping at full resolution", stage="warp")
     full = warp_full_resolution(fixed.grid, affine, grid, field_w, moving, moving_labels, device)

@@ -441,15 +441,18 @@ def _card(
             "regulariser": {"name": "diffusion", "on": "displacement"},
             "weights": {"similarity": 1.0, "regularisation": settings.reg_weight},
         }
+    extra_terms = {}
     if settings.labels_weight > 0:
-        describe = getattr(model, "loss_description", None)
-        base = fields.get("loss") or (describe() if callable(describe) else {})
-        fields["loss"] = {**base, "labels": {"name": "soft_dice", "weight": settings.labels_weight}}
+        extra_terms["labels"] = {"name": "soft_dice", "weight": settings.labels_weight}
     if settings.field_weight > 0:
+        extra_terms["field"] = {
+            "name": "squared endpoint error to the true synthetic field (voxels^2)",
+            "weight": settings.field_weight,
+        }
+    if extra_terms:
         describe = getattr(model, "loss_description", None)
         base = fields.get("loss") or (describe() if callable(describe) else {})
-        field_term = {"name": "squared endpoint error to the true synthetic field (voxels^2)"}
-        fields["loss"] = {**base, "field": {**field_term, "weight": settings.field_weight}}
+        fields["loss"] = {**base, **extra_terms}
     if settings.data == "synth":
         fields["training"]["synthetic_pairs"] = dataclasses.asdict(synth_settings(settings))
     if settings.name:
