@@ -5,7 +5,8 @@ step (``loss`` = running mean) and returns a :class:`TrainResult`. What it write
 
 - ``output`` (``.pt``): the network with its model card, every ``checkpoint_every`` steps and at
   the end (atomic). The card records the data, steps, exact command, hardware and duration, and
-  the latest validation Dice.
+  the latest validation Dice; a resumed training also lists every run (``training.legs``: its
+  command, hardware, steps and duration), since each may have had its own options.
 - ``output.with_suffix(".state.pt")``: everything for an exact resume (weights, Adam state, step,
   random states, elapsed time), written with the checkpoint. Batches depend only on
   ``(seed, step, rank)`` (:mod:`datasets`) and the torch random state is saved, so
@@ -307,7 +308,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
     model, parent_card = _build(settings)
     model.to(dist.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    start, elapsed = 0, 0.0
+    start, elapsed, earlier_legs = 0, 0.0, []
     val_dice = val_before = None
     if settings.resume and state_path(output).exists():
         state = torch.load(state_path(output), map_location=dist.device, weights_only=True)
@@ -316,6 +317,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
         torch.set_rng_state(state["rng"].cpu())
         start, elapsed = int(state["step"]), float(state["elapsed"])
         val_dice, val_before = state.get("val_dice"), state.get("val_dice_before")
+        earlier_legs = list(state.get("legs") or [_unrecorded_leg(start, elapsed)])
     elif settings.resume:
         raise InputError(f"--resume: {state_path(output)} does not exist; start without --resume")
     if start >= settings.steps:
@@ -370,6 +372,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
                 log.write(json.dumps({**record, "seconds": now}) + "\n")
                 log.flush()
             if dist.main and (step % settings.checkpoint_every == 0 or last):
+                legs = [*earlier_legs, _leg(settings, dist, start, step, now - elapsed)]
                 card = _card(
                     settings,
                     model,
@@ -381,6 +384,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
                     val_dice,
                     val_before,
                     parent_card,
+                    legs,
                 )
                 save_checkpoint(output, model, card)
                 state = {
@@ -391,6 +395,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
                     "elapsed": now,
                     "val_dice": val_dice,
                     "val_dice_before": val_before,
+                    "legs": legs,
                 }
                 tmp = state_path(output).with_suffix(".tmp")
                 torch.save(state, tmp)
@@ -406,8 +411,34 @@ def _train(settings: TrainSettings, dist: _Distributed):
     return TrainResult(model, step, val_dice, val_before, seconds, output if dist.main else None)
 
 
+def _leg(settings, dist, first_step: int, last_step: int, seconds: float) -> dict:
+    """One run of a (possibly resumed) training: its command, machine, steps and duration."""
+    world = f" x {dist.world} processes" if dist.world > 1 else ""
+    return {
+        "command": settings.command,
+        "hardware": hardware(dist.device) + world,
+        "steps": [first_step + 1, last_step],
+        "duration_s": round(seconds, 1),
+    }
+
+
+def _unrecorded_leg(steps: int, seconds: float) -> dict:
+    """A run saved before states recorded their legs: only its steps and duration are known."""
+    return {"command": None, "hardware": None, "steps": [1, steps], "duration_s": round(seconds, 1)}
+
+
 def _card(
-    settings, model, source, step, seconds, dist, val_description, val_dice, val_before, parent_card
+    settings,
+    model,
+    source,
+    step,
+    seconds,
+    dist,
+    val_description,
+    val_dice,
+    val_before,
+    parent_card,
+    legs,
 ) -> dict:
     metrics = {}
     if val_dice is not None:
@@ -435,6 +466,8 @@ def _card(
         },
         "metrics": metrics,
     }
+    if len(legs) > 1:  # resumed: every run that made these weights, in order
+        fields["training"]["legs"] = legs
     if settings.similarity is not None:
         fields["loss"] = {
             "similarity": {"name": settings.similarity},

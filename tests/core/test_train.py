@@ -52,6 +52,23 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     assert [r["step"] for r in log if "val_dice" in r] == [2, 4]
 
 
+def test_a_resumed_card_lists_every_run(tmp_path, one_thread):
+    run_generator(train(settings(tmp_path, steps=2, command="deepwarp train --steps 2")))
+    assert "legs" not in read_card(tmp_path / "vm.pt")["training"]
+    resumed = settings(tmp_path, steps=4, resume=True, command="deepwarp train --steps 4 --resume")
+    run_generator(train(resumed))
+    training = read_card(tmp_path / "vm.pt")["training"]
+    assert training["command"] == "deepwarp train --steps 4 --resume"
+    legs = training["legs"]
+    assert [leg["command"] for leg in legs] == [
+        "deepwarp train --steps 2",
+        "deepwarp train --steps 4 --resume",
+    ]
+    assert [leg["steps"] for leg in legs] == [[1, 2], [3, 4]]
+    assert all("CPU" in leg["hardware"] and leg["duration_s"] > 0 for leg in legs)
+    assert training["duration_s"] >= sum(leg["duration_s"] for leg in legs) - 0.2
+
+
 def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
     run_generator(train(settings(tmp_path, steps=2)))
     card = read_card(tmp_path / "vm.pt")
