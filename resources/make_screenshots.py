@@ -13,6 +13,7 @@ from pathlib import Path
 
 import napari
 
+from napari_deepwarp._qt.compare import grid_settings
 from napari_deepwarp.api import register
 from napari_deepwarp.core.io import read_volume
 from napari_deepwarp.core.preprocess import resample
@@ -39,8 +40,8 @@ def main() -> None:
         viewer.add_image(
             vol.array, name=name, colormap="magenta", blending="additive", affine=affine
         )
-    viewer.grid.enabled = True
-    viewer.grid.stride = 2
+    grid_settings(viewer).enabled = True
+    grid_settings(viewer).stride = 2
     viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)
     viewer.window.resize(1100, 600)
     OUT.mkdir(exist_ok=True)
@@ -88,7 +89,7 @@ def widget_screenshots() -> None:
     widget.tabs.setCurrentWidget(widget.compare)
     widget.compare.select_runs({1, 2, 3})
     widget.compare.side_by_side.setChecked(True)
-    viewer.grid.stride = 1
+    grid_settings(viewer).stride = 1
     QApplication.processEvents()
     viewer.reset_view()
     QApplication.processEvents()

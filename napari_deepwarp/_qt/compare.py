@@ -123,7 +123,7 @@ class CompareRuns(QWidget):
         fixed = [r.request.pair[0] for r in chosen]
         for layer in self.viewer.layers:
             layer.visible = id(layer) in keep or layer.name in fixed[:1]
-        grid = _grid(self.viewer)
+        grid = grid_settings(self.viewer)
         grid.enabled = True
         grid.stride = 1
 
@@ -134,14 +134,14 @@ class CompareRuns(QWidget):
             if id(layer) in saved:
                 layer.visible = saved[id(layer)]
         self._saved_visibility = None
-        _grid(self.viewer).enabled = False
+        grid_settings(self.viewer).enabled = False
         if self.side_by_side.isChecked():
             self.side_by_side.blockSignals(True)
             self.side_by_side.setChecked(False)
             self.side_by_side.blockSignals(False)
 
 
-def _grid(viewer):
+def grid_settings(viewer):
     """napari's grid-mode settings: ``viewer.canvas.grid`` from napari 0.9 on, else ``viewer.grid``."""
     canvas = getattr(viewer, "canvas", None)
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
-from napari_deepwarp.core.volume import Grid, Volume
-from napari_deepwarp.layers import display_order, for_display
+from napari_deepwarp.core.volume import Volume
+from napari_deepwarp.layers import for_display
+
+from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid
 
 #: the result layers of a run, in the order they are added (the last one is drawn on top)
 KINDS = (
@@ -25,10 +27,6 @@ KINDS = (
     "labels moving→fixed",
     "labels fixed→moving",
 )
-
-
-#: the deformation grid is a label layer (transparent between lines, legible over any image)
-GRID_COLORS = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "#ff9900"})
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -46,38 +44,6 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(parity == 0, a, b).astype(np.float32)
 
 
-def grid_lines(
-    displacement: np.ndarray, grid: Grid, spacing_mm: float = 8.0, axes: tuple[int, ...] = (1, 2)
-) -> np.ndarray:
-    """Image ``(z, y, x)`` in ``[0, 1]`` of grid lines drawn in moving space, seen on the fixed grid.
-
-    ``displacement``: ``(z, y, x, 3)`` (x, y, z) mm, fixed -> moving. A fixed voxel ``x`` lights up
-    where its moving point ``x + u(x)``, in the fixed index frame (mm along each array axis), lies
-    within one voxel of a multiple of ``spacing_mm`` along one of ``axes`` (array axes, e.g. the
-    two displayed ones): straight lines for the identity, bent ones where the map bends.
-    """
-    m = grid.index_to_world_matrix()
-    idx = np.indices(grid.shape, dtype=np.float32).reshape(3, -1)
-    world = m[:3, :3] @ idx + m[:3, 3:4] + displacement.reshape(-1, 3).T
-    q = (np.linalg.inv(m)[:3, :3] @ (world - m[:3, 3:4])).astype(np.float32)
-    steps = np.array(grid.spacing_zyx, np.float32)
-    out = np.zeros(q.shape[1], np.float32)
-    for axis in axes:
-        mm = q[axis] * steps[axis]
-        distance = np.abs(mm - np.round(mm / spacing_mm) * spacing_mm)
-        np.maximum(out, np.clip(1.0 - distance / steps[axis], 0.0, 1.0), out=out)
-    return out.reshape(grid.shape)
-
-
-def grid_mask(result, spacing_mm: float, displayed_axes: tuple[int, ...]) -> np.ndarray:
-    """The deformation grid on the fixed array (uint8, 1 on the lines), drawn for the displayed
-    data axes of the layers (which :func:`layers.for_display` may have permuted)."""
-    order = display_order(result.fixed.grid)
-    axes = tuple(order[a] for a in displayed_axes)
-    lines = grid_lines(result.displacement, result.fixed.grid, spacing_mm, axes)
-    return (lines > 0.5).astype(np.uint8)
-
-
 def _meta(name: str, affine: np.ndarray, run: int, kind: str, **kwargs) -> dict:
     return {
         "name": name,
@@ -92,14 +58,17 @@ def run_layers(
     prefix: str,
     run: int,
     grid_spacing_mm: float = 8.0,
-    grid_axes: tuple[int, ...] = (1, 2),
+    grid_axes: tuple[int, int] = (1, 2),
+    grid_point: np.ndarray | None = None,
     inverse_labels: Volume | None = None,
 ) -> dict[str, tuple]:
     """``{kind: (data, meta, layer_type)}`` for a :class:`~core.pipeline.RegistrationResult`.
 
     Layer names are ``f"{prefix} · {kind}"``; each layer's ``metadata["deepwarp"]`` holds the run
     number and the kind. The overlay (warped) is shown; the other views start hidden except the
-    folds and the deformation grid (orange lines, a Labels layer).
+    folds and the deformation grid (orange paths on the slice through ``grid_point``, world
+    (z, y, x) mm, across the displayed ``grid_axes``; the middle slice where None; see
+    :func:`grid_layer_paths`).
     """
     fixed = result.fixed.grid
     fixed_n = normalise(result.fixed.array)
@@ -149,12 +118,21 @@ def run_layers(
         colormap=DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "red"}),
         opacity=0.9,
     )
-    add(
-        "grid",
-        grid_mask(result, grid_spacing_mm, grid_axes),
-        "labels",
-        colormap=GRID_COLORS,
-        opacity=0.8,
+    deformation = DeformationGrid(result.displacement, fixed)
+    out["grid"] = (
+        grid_layer_paths(deformation, grid_spacing_mm, grid_axes, grid_point),
+        _meta(
+            f"{prefix} · grid",
+            deformation.affine,
+            run,
+            "grid",
+            ndim=3,
+            shape_type="path",
+            edge_color=GRID_COLOR,
+            edge_width=GRID_WIDTH_VOXELS,
+            opacity=0.9,
+        ),
+        "shapes",
     )
     if result.warped_labels is not None:
         add("labels moving→fixed", result.warped_labels.array, "labels", visible=False)
@@ -168,3 +146,18 @@ def run_layers(
             opacity=0.6,
         )
     return out
+
+
+def grid_layer_paths(
+    deformation: DeformationGrid,
+    spacing_mm: float,
+    displayed: tuple[int, int],
+    point: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """The grid's paths on the slice through ``point`` (world z, y, x mm; None: the middle)."""
+    axis = 3 - sum(displayed)
+    if point is None:
+        index = deformation.shape[axis] // 2
+    else:
+        index = deformation.slice_index(point, axis)
+    return deformation.paths(spacing_mm, displayed, index)

@@ -14,7 +14,7 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Points
 from napari.qt.threading import create_worker
 from napari.utils import notifications
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -45,9 +45,10 @@ from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volu
 from .checkpoint_choice import BROWSE, CheckpointChoice
 from .compare import CompareRuns
 from .exports import RunExports, notify_error
+from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid
 from .loss_plot import LossPlot
 from .readout import HEADERS, metric_rows
-from .result_layers import run_layers
+from .result_layers import grid_layer_paths, run_layers
 from .tables import CopyableTable
 from .worker import RegistrationFailed, RunRequest, run_job
 
@@ -243,6 +244,13 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.view.currentTextChanged.connect(self.set_view)
         self.grid_spacing.valueChanged.connect(self._regrid)
+        # The grid is drawn on the slice shown: redraw it, once scrolling pauses, on a new slice.
+        self._regrid_timer = QTimer(self)
+        self._regrid_timer.setSingleShot(True)
+        self._regrid_timer.setInterval(60)
+        self._regrid_timer.timeout.connect(self._regrid)
+        self.viewer.dims.events.current_step.connect(self._schedule_regrid)
+        self.viewer.dims.events.order.connect(self._schedule_regrid)
         self.copy_button.clicked.connect(self.readout.copy)
         self.csv_button.clicked.connect(lambda: self.export_csv())
         self.export_button.clicked.connect(lambda: self.export_run())
@@ -556,14 +564,15 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         )
 
     def _add_run(self, record) -> None:
-        axes = tuple(self.viewer.dims.order[-2:]) if self.viewer.dims.ndim >= 3 else (1, 2)
+        axes, point = self._displayed_slice()
         data = run_layers(
             record.result,
             record.name,
             record.number,
-            self.grid_spacing.value(),
-            axes,
-            record.inverse_labels,
+            grid_spacing_mm=self.grid_spacing.value(),
+            grid_axes=axes,
+            grid_point=point,
+            inverse_labels=record.inverse_labels,
         )
         for previous in self.records:
             for layer in previous.layers.values():
@@ -573,6 +582,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             layer = Layer.create(array, meta, layer_type)
             if kind == "labels moving→fixed":
                 layer.contour = 1
+            if kind == "grid":  # drawn for one slice: bring it up to date when shown again
+                layer.events.visible.connect(self._schedule_regrid)
             record.layers[kind] = layer
             self.viewer.add_layer(layer)
         by_name = {layer.name: layer for layer in self.viewer.layers}
@@ -653,15 +664,28 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         if fixed is not None and fixed.name == record.request.pair[0]:
             fixed.visible = view == "overlay"
 
-    def _regrid(self, spacing: float) -> None:
-        from .result_layers import grid_mask
+    def _displayed_slice(self) -> tuple[tuple[int, int], np.ndarray | None]:
+        """The two displayed axes and the world point of the slice shown (None: unknown)."""
+        dims = self.viewer.dims
+        if dims.ndim != 3:  # the run layers are 3D; with other layers about, draw the middle
+            return (1, 2), None
+        return tuple(int(a) for a in dims.order[-2:]), np.asarray(dims.point, float)
 
-        record = self.current
-        if record is None or "grid" not in record.layers:
-            return
-        axes = tuple(self.viewer.dims.order[-2:])
-        mask = grid_mask(record.result, spacing, axes)
-        record.layers["grid"].data = for_display(mask, record.result.fixed.grid)[0]
+    def _schedule_regrid(self, *_args) -> None:
+        self._regrid_timer.start()
+
+    def _regrid(self, *_args) -> None:
+        """Redraw the visible runs' deformation grids for the slice shown and the spacing."""
+        axes, point = self._displayed_slice()
+        for record in self.records:
+            layer = record.layers.get("grid")
+            if layer is None or layer not in self.viewer.layers or not layer.visible:
+                continue
+            deformation = DeformationGrid(record.result.displacement, record.result.fixed.grid)
+            paths = grid_layer_paths(deformation, self.grid_spacing.value(), axes, point)
+            layer.data = []
+            if paths:
+                layer.add_paths(paths, edge_width=GRID_WIDTH_VOXELS, edge_color=GRID_COLOR)
 
     # --- cleanup --------------------------------------------------------------------------
     def closeEvent(self, event):

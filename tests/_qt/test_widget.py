@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from qt_helpers import wait_idle
 
-from napari_deepwarp._qt.compare import _grid
+from napari_deepwarp._qt.compare import grid_settings
 from napari_deepwarp.core.checkpoint import (
     default_checkpoint,
     load_checkpoint,
@@ -53,7 +53,6 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
         "magnitude (mm)",
         "jacobian",
         "folds (det<=0)",
-        "grid",
         "labels moving→fixed",
     ):
         layer = viewer.layers[f"{prefix} · {kind}"]
@@ -63,7 +62,18 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     moving = viewer.layers["sample moving"]
     assert inverse.data.shape == moving.data.shape
     assert np.allclose(_matrix(inverse), _matrix(moving), atol=1e-5)
-    assert viewer.layers[f"{prefix} · grid"].data.max() > 0.5  # lines are drawn
+    # the deformation grid: vector paths on the slice shown, redrawn for another slice
+    grid = viewer.layers[f"{prefix} · grid"]
+    assert np.allclose(_matrix(grid), _matrix(fixed), atol=1e-5)
+    axis = viewer.dims.order[0]
+    shown = grid.world_to_data(viewer.dims.point)[axis]
+    assert grid.nshapes > 4 and set(grid.shape_type) == {"path"}
+    assert all(np.allclose(path[:, axis], round(shown)) for path in grid.data)
+    step = viewer.dims.current_step[axis]
+    viewer.dims.set_current_step(axis, step + 3 if step + 3 < viewer.dims.nsteps[axis] else 0)
+    now = round(grid.world_to_data(viewer.dims.point)[axis])
+    assert now != round(shown)
+    qtbot.waitUntil(lambda: np.allclose(grid.data[0][:, axis], now), timeout=3000)
     # readout: Dice before and after, and it improved
     rows = {row[0]: row for row in w.readout.rows()}
     before, after = float(rows["mean Dice"][1]), float(rows["mean Dice"][3])
@@ -111,11 +121,11 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     assert float(w.compare.table.item(0, 1).text()) > 0  # mean Dice
     w.compare.select_runs({1, 2})
     w.compare.side_by_side.setChecked(True)
-    assert _grid(viewer).enabled
+    assert grid_settings(viewer).enabled
     visible = {layer.name for layer in viewer.layers if layer.visible}
     assert visible == {"sample fixed"} | {f"{r.name} · warped" for r in w.records}
     w.compare.side_by_side.setChecked(False)
-    assert not _grid(viewer).enabled
+    assert not grid_settings(viewer).enabled
 
 
 def test_cancel_during_refinement_leaves_the_layers_as_they_were(open_widget, notes, qtbot):
