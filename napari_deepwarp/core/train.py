@@ -271,15 +271,25 @@ def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
     name = settings.model
     if settings.init:
         model, card = load_checkpoint(settings.init)
-        if name is None or name == card["architecture"]:
+        same = name is None or name == card["architecture"]
+        if same and not settings.config:
             return model.train(), card
-        target = _create(name, settings.config)
+        # --config overrides apply on top of the checkpoint's own config (e.g. a loss weight)
+        config = {**card["config"], **settings.config} if same else settings.config
+        target = _create(card["architecture"] if same else name, config)
         try:
             target.load_state_dict(model.state_dict(), strict=True)
         except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            if same:
+                raise InputError(
+                    f"--config {settings.config} changes the layers of the network in --init "
+                    f"{settings.init} ({first}); only settings that shape no weights (such as "
+                    f"loss weights) can change when starting from a checkpoint"
+                ) from None
             raise InputError(
                 f"--init {settings.init} holds a {card['architecture']!r} network whose weights "
-                f"do not fit --model {name!r} ({str(exc).splitlines()[0]}); start {name!r} from "
+                f"do not fit --model {name!r} ({first}); start {name!r} from "
                 f"one of its own checkpoints, or leave out --model"
             ) from None
         return target.train(), card

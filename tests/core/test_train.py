@@ -283,3 +283,26 @@ def test_init_from_an_architecture_with_other_layers_names_both(tmp_path, one_th
     wrong = settings(tmp_path, "fcn.pt", model="fcn_ms", init=tmp_path / "vm.pt")
     with pytest.raises(InputError, match="'voxelmorph' network whose weights do not fit"):
         run_generator(train(wrong))
+
+
+def test_config_overrides_apply_on_top_of_the_init_checkpoint(tmp_path, one_thread):
+    """--init x.pt --config reg_weight=3: the checkpoint's network and weights, the new weight
+    of the loss (it was silently dropped); a change of layers is refused by name."""
+    run_generator(train(settings(tmp_path, "vm.pt", steps=1)))
+    vm, _ = load_checkpoint(tmp_path / "vm.pt")
+    tuned = settings(
+        tmp_path, "tuned.pt", init=tmp_path / "vm.pt", config={"reg_weight": 3.0}, steps=1
+    )
+    _, result = run_generator(train(tuned))
+    assert result.model.config.reg_weight == 3.0
+    assert read_card(tmp_path / "tuned.pt")["config"]["reg_weight"] == 3.0
+    assert result.model.config.enc_channels == vm.config.enc_channels  # the rest: the checkpoint's
+    wider = settings(
+        tmp_path,
+        "wide.pt",
+        init=tmp_path / "vm.pt",
+        config={"enc_channels": [8, 16, 16, 16]},
+        steps=1,
+    )
+    with pytest.raises(InputError, match="changes the layers of the network in --init"):
+        run_generator(train(wider))
