@@ -16,14 +16,23 @@ def notify_error(message: str) -> None:
 
 
 class RunExports:
+    def _save_path(self, path, title: str, suggested: str, filters: str):
+        """``path`` as given, else the one the user picks (None: cancelled)."""
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, title, suggested, filters)
+        return path or None
+
     def export_csv(self, path=None):
         if self.current is None:
             return None
+        path = self._save_path(path, "Metrics as CSV", "metrics.csv", "*.csv")
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Metrics as CSV", "metrics.csv", "*.csv")
-            if not path:
-                return None
-        return self.readout.write_csv(path)
+            return None
+        try:
+            return self.readout.write_csv(path)
+        except OSError as exc:
+            notify_error(f"export failed: {exc}")
+            return None
 
     def export_run(self, folder=None):
         """pipeline.write_result into ``folder`` (+ fixed labels in moving space, metrics CSV)."""
@@ -57,12 +66,11 @@ class RunExports:
 
         if self.current is None:
             return None
+        path = self._save_path(
+            path, "Displacement field", "displacement.nii.gz", "*.nii.gz *.nrrd *.mha"
+        )
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(
-                self, "Displacement field", "displacement.nii.gz", "*.nii.gz *.nrrd *.mha"
-            )
-            if not path:
-                return None
+            return None
         try:
             return write_field(
                 self.current.result.displacement, self.current.result.fixed.grid, path
@@ -84,12 +92,9 @@ class RunExports:
         ):
             notify_error("no fine-tuned network in this run (choose network fine-tuning)")
             return None
+        path = self._save_path(path, "Save the fine-tuned network", "finetuned.pt", "*.pt")
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(
-                self, "Save the fine-tuned network", "finetuned.pt", "*.pt"
-            )
-            if not path:
-                return None
+            return None
         req = record.request
         tuned_on = (
             f"fixed {req.pair[0]} {list(req.fixed.shape)}, moving {req.pair[1]} "

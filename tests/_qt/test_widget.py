@@ -100,6 +100,8 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     assert (
         w.export_csv(tmp_path / "m.csv").read_text(encoding="utf-8").startswith("quantity,before")
     )
+    assert w.export_csv(tmp_path) is None  # a folder: a notification, not a traceback
+    assert notes[-1].startswith("show_error: export failed")
 
 
 def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget, qtbot):
