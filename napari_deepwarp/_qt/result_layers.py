@@ -13,7 +13,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari_deepwarp.core.volume import Volume
 from napari_deepwarp.layers import for_display
 
-from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid
+from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid, as_segments
 
 #: the result layers of a run, in the order they are added (the last one is drawn on top)
 KINDS = (
@@ -68,7 +68,7 @@ def run_layers(
     number and the kind. The overlay (warped) is shown; the other views start hidden except the
     folds and the deformation grid (orange paths on the slice through ``grid_point``, world
     (z, y, x) mm, across the displayed ``grid_axes``; the middle slice where None; see
-    :func:`grid_layer_paths`).
+    :func:`grid_segments`).
     """
     fixed = result.fixed.grid
     fixed_n = normalise(result.fixed.array)
@@ -120,19 +120,19 @@ def run_layers(
     )
     deformation = DeformationGrid(result.displacement, fixed)
     out["grid"] = (
-        grid_layer_paths(deformation, grid_spacing_mm, grid_axes, grid_point),
+        grid_segments(deformation, grid_spacing_mm, grid_axes, grid_point),
         _meta(
             f"{prefix} · grid",
             deformation.affine,
             run,
             "grid",
             ndim=3,
-            shape_type="path",
+            vector_style="line",
             edge_color=GRID_COLOR,
             edge_width=GRID_WIDTH_VOXELS,
             opacity=0.9,
         ),
-        "shapes",
+        "vectors",
     )
     if result.warped_labels is not None:
         add("labels moving→fixed", result.warped_labels.array, "labels", visible=False)
@@ -148,16 +148,17 @@ def run_layers(
     return out
 
 
-def grid_layer_paths(
+def grid_segments(
     deformation: DeformationGrid,
     spacing_mm: float,
     displayed: tuple[int, int],
     point: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """The grid's paths on the slice through ``point`` (world z, y, x mm; None: the middle)."""
+) -> np.ndarray:
+    """The grid's lines on the slice through ``point`` (world z, y, x mm; None: the middle), as
+    Vectors data ``(N, 2, 3)``."""
     axis = 3 - sum(displayed)
     if point is None:
         index = deformation.shape[axis] // 2
     else:
         index = deformation.slice_index(point, axis)
-    return deformation.paths(spacing_mm, displayed, index)
+    return as_segments(deformation.paths(spacing_mm, displayed, index))

@@ -45,10 +45,10 @@ from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volu
 from .checkpoint_choice import BROWSE, CheckpointChoice
 from .compare import CompareRuns
 from .exports import RunExports, notify_error
-from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid
+from .grid_paths import DeformationGrid
 from .loss_plot import LossPlot
 from .readout import HEADERS, metric_rows
-from .result_layers import grid_layer_paths, run_layers
+from .result_layers import grid_segments, run_layers
 from .tables import CopyableTable
 from .worker import RegistrationFailed, RunRequest, run_job
 
@@ -682,10 +682,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             if layer is None or layer not in self.viewer.layers or not layer.visible:
                 continue
             deformation = DeformationGrid(record.result.displacement, record.result.fixed.grid)
-            paths = grid_layer_paths(deformation, self.grid_spacing.value(), axes, point)
-            layer.data = []
-            if paths:
-                layer.add_paths(paths, edge_width=GRID_WIDTH_VOXELS, edge_color=GRID_COLOR)
+            layer.data = grid_segments(deformation, self.grid_spacing.value(), axes, point)
 
     # --- cleanup --------------------------------------------------------------------------
     def closeEvent(self, event):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_deepwarp._qt.grid_paths import DeformationGrid
+from napari_deepwarp._qt.grid_paths import DeformationGrid, as_segments
 from napari_deepwarp.core.volume import Grid
 
 SHAPE = (20, 30, 40)  # z, y, x
@@ -61,3 +61,11 @@ def test_the_slice_of_a_world_point():
     deformation = DeformationGrid(constant((0.0, 0.0, 0.0)), grid)
     assert deformation.slice_index([0.0, 5.0, 5.0], axis=0) == 5  # z = -10 + 2 * 5
     assert deformation.slice_index([1e6, 5.0, 5.0], axis=0) == SHAPE[0] - 1
+
+
+def test_segments_join_each_path_s_vertices_in_order():
+    path = np.array([[4, 0, 0], [4, 1, 2], [4, 3, 3]], np.float32)
+    segments = as_segments([path, path[:1]])  # a lone vertex draws nothing
+    assert segments.shape == (2, 2, 3)
+    assert np.array_equal(segments[:, 0] + segments[:, 1], path[1:])
+    assert as_segments([]).shape == (0, 2, 3)

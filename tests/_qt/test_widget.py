@@ -67,13 +67,13 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     assert np.allclose(_matrix(grid), _matrix(fixed), atol=1e-5)
     axis = viewer.dims.order[0]
     shown = grid.world_to_data(viewer.dims.point)[axis]
-    assert grid.nshapes > 4 and set(grid.shape_type) == {"path"}
-    assert all(np.allclose(path[:, axis], round(shown)) for path in grid.data)
+    assert grid.data.ndim == 3 and len(grid.data) > 50  # line segments (start, extent)
+    assert np.allclose(grid.data[:, 0, axis], round(shown)) and np.all(grid.data[:, 1, axis] == 0)
     step = viewer.dims.current_step[axis]
     viewer.dims.set_current_step(axis, step + 3 if step + 3 < viewer.dims.nsteps[axis] else 0)
     now = round(grid.world_to_data(viewer.dims.point)[axis])
     assert now != round(shown)
-    qtbot.waitUntil(lambda: np.allclose(grid.data[0][:, axis], now), timeout=3000)
+    qtbot.waitUntil(lambda: np.allclose(grid.data[:, 0, axis], now), timeout=3000)
     # readout: Dice before and after, and it improved
     rows = {row[0]: row for row in w.readout.rows()}
     before, after = float(rows["mean Dice"][1]), float(rows["mean Dice"][3])
