@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,18 @@ def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "voxelmorph" in out and "affine" in out
+
+
+def test_a_card_trained_with_another_loss_says_so():
+    from napari_deepwarp.cli import _card_summary
+
+    card = {"architecture": "conv2warp", "config": {"widths": [4] * 7}, "training": {}}
+    own = {**card, "loss": {"similarity": {"name": "ncc_ssd"}}}
+    other = {**card, "loss": {"similarity": {"name": "lncc"}}}
+    assert "not its paper's" not in _card_summary(Path("own.pt"), own)
+    assert "trained with lncc + diffusion, not its paper's ncc_ssd" in _card_summary(
+        Path("other.pt"), other
+    )
 
 
 def test_console_script_and_core_without_qt():
