@@ -458,7 +458,6 @@ def _card(
             "validation_mean_dice_before": round(val_before, 4),
             "validation_step": step,
         }
-    world = f" x {dist.world} processes" if dist.world > 1 else ""
     fields = {
         "working_spacing_mm": settings.working_spacing_mm,
         "working_shape": list(settings.shape),
@@ -471,7 +470,7 @@ def _card(
             "learning_rate": settings.learning_rate,
             "grad_clip": settings.grad_clip,
             "command": settings.command,
-            "hardware": hardware(dist.device) + world,
+            "hardware": legs[-1]["hardware"],
             "duration_s": round(seconds, 1),
         },
         "metrics": metrics,
