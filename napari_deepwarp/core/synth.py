@@ -5,8 +5,12 @@ by random smooth transforms (affine jitter + a smooth displacement): the two res
 moving and fixed label maps. With ``background`` > 0, the anatomy is cut to a random smooth
 blob on a dark background (label 0, intensity 0 before bias and noise), as skull-stripped MR or
 a body in air looks after windowing; real scans on a working grid are mostly background, and a
-network trained on full-cube anatomy deforms that background at random. Each side then gets its
-own image: random intensity per label,
+network trained on full-cube anatomy deforms that background at random. With ``still`` > 0, a
+pair is drawn that often with no motion between its sides (both label maps under the same
+transform, true field zero; the images still differ in bias, blur, noise, gamma and, unless
+``same_contrast``, contrast): a network that only ever sees moving pairs learns no reason to
+keep still where the two images agree, and on out-of-distribution real scans it drifts. Each
+side then gets its own image: random intensity per label,
 a smooth multiplicative bias field, blur, noise and a gamma, so that a network trained on them
 learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
 
@@ -50,6 +54,8 @@ class SynthSettings:
     # the blob's radii are ``blob`` (low, high) fractions of the half-extent of each axis
     background: float = 0.0
     blob: tuple[float, float] = (0.55, 0.9)
+    # probability that a pair has no motion between its sides (same transform; true field 0)
+    still: float = 0.0
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -158,7 +164,8 @@ def synthetic_pair(
     """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``;
     with ``field``, also ``field``: the true moving-to-fixed pull field (:func:`true_field`).
 
-    Both label maps are the same random anatomy under two independent random transforms;
+    Both label maps are the same random anatomy under two independent random transforms
+    (the same one for a still pair, with probability ``s.still``);
     each image has its own random contrast (or, with ``s.same_contrast``, both share the
     per-label intensities). Deterministic for a given ``seed``.
     """
@@ -170,6 +177,10 @@ def synthetic_pair(
         anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
     anatomy = anatomy.float()
     deformations = [random_deformation(s, batch, g, device) for _ in range(2)]
+    still = None
+    if s.still > 0:  # drawn only when asked for, so other settings keep their random stream
+        still = (torch.rand(batch, generator=g, device=device) < s.still)[:, None, None, None, None]
+        deformations[0] = torch.where(still, deformations[1], deformations[0])
     labels = [spatial.warp(anatomy, d, mode="nearest").long() for d in deformations]
     shared = None
     if s.same_contrast:
@@ -183,6 +194,8 @@ def synthetic_pair(
     }
     if field:
         pair["field"] = true_field(deformations[1], deformations[0])
+        if still is not None:  # exactly zero, not a numerical inverse composed with its map
+            pair["field"] = torch.where(still, 0.0, pair["field"])
     return pair
 
 

@@ -119,3 +119,22 @@ def test_background_puts_the_anatomy_on_a_dark_surround():
     # Without background, the anatomy fills the cube (label 0 is just one of many labels).
     plain = synthetic_pair(SynthSettings(shape=(32, 32, 32)), seed=7)
     assert float((plain["fixed_labels"] == 0).float().mean()) < 0.3
+
+
+def test_still_pairs_have_no_motion_and_the_rest_are_unchanged():
+    base = SynthSettings(shape=(24, 24, 24), background=0.9)
+    moving_pairs = synthetic_pair(base, batch=6, seed=3, field=True)
+    all_still = synthetic_pair(SynthSettings(**{**base.__dict__, "still": 1.0}), 6, 3, field=True)
+    assert torch.equal(all_still["moving_labels"], all_still["fixed_labels"])
+    assert float(all_still["field"].abs().max()) == 0.0
+    assert not torch.equal(all_still["moving"], all_still["fixed"])  # their own noise, bias...
+    assert not torch.equal(moving_pairs["moving_labels"], moving_pairs["fixed_labels"])
+    # A mix: each pair is either still (same labels, zero field) or moving (a real field).
+    mixed = synthetic_pair(SynthSettings(**{**base.__dict__, "still": 0.5}), 6, 11, field=True)
+    same = [torch.equal(m, f) for m, f in zip(mixed["moving_labels"], mixed["fixed_labels"])]
+    norms = mixed["field"].abs().amax(dim=(1, 2, 3, 4))
+    assert 0 < sum(same) < 6
+    assert [bool(n == 0) for n in norms] == same
+    # still = 0 draws nothing extra: the default random stream (and old seeds) are unchanged.
+    again = synthetic_pair(SynthSettings(**{**base.__dict__, "still": 0.0}), 6, 3, field=True)
+    assert torch.equal(again["moving"], moving_pairs["moving"])
