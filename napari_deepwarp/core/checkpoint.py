@@ -155,6 +155,7 @@ def finetuned_card(result, tuned_on: str, command: str, parent: PathLike | None 
     reached on the pair, and the working grid it was tuned on."""
     metrics, grid = result.metrics, result.working_grid
     parent_card = read_card(parent) if parent else {}
+    tuned_with = getattr(result.model, "trained_objective", None)
     device = result.working_field.device if result.working_field is not None else "cpu"
     return make_card(
         result.model,
@@ -176,7 +177,17 @@ def finetuned_card(result, tuned_on: str, command: str, parent: PathLike | None 
         },
         parent=parent_reference(parent) if parent else None,
         tuned_on=tuned_on,
+        **({"loss": override_loss(*result.model.trained_objective)} if tuned_with else {}),
     )
+
+
+def override_loss(similarity: str, reg_weight: float) -> dict[str, Any]:
+    """The card's ``loss`` for a similarity + diffusion that replaces a model's own loss."""
+    return {
+        "similarity": {"name": similarity},
+        "regulariser": {"name": "diffusion", "on": "displacement"},
+        "weights": {"similarity": 1.0, "regularisation": float(reg_weight)},
+    }
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -513,7 +524,25 @@ def load_checkpoint(
     state = payload["state_dict"]
     _check_weights(model, state, _config_summary(cls, config), source)
     model.load_state_dict(state, strict=True)
+    model.trained_objective = trained_objective(card, model)
     return model.to(device).eval(), card
+
+
+def trained_objective(card: dict[str, Any], model: RegistrationModel) -> tuple[str, float] | None:
+    """``(similarity, diffusion weight)`` when the card's loss replaced the architecture's own
+    (``deepwarp train --similarity S --reg-weight W``), else None."""
+    from napari_deepwarp.core.losses import SIMILARITY_LOSSES
+
+    loss = card.get("loss") or {}
+    name = (loss.get("similarity") or {}).get("name")
+    regulariser = loss.get("regulariser") or {}
+    describe = getattr(model, "loss_description", None)
+    own = ((describe() if callable(describe) else {}).get("similarity") or {}).get("name")
+    if name == own or name not in SIMILARITY_LOSSES:
+        return None
+    if regulariser.get("name") != "diffusion" or regulariser.get("on") != "displacement":
+        return None
+    return name, float((loss.get("weights") or {}).get("regularisation", 1.0))
 
 
 # --- writing ---------------------------------------------------------------------------------

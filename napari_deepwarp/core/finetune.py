@@ -1,7 +1,9 @@
 """Instance optimisation: fit a copy of the network to one pair (the papers' test-time tuning).
 
-The source model is never changed: every step works on a deep copy. By default the model's own
-training loss (its paper's) is minimised; a similarity and a regularisation weight can replace it.
+The source model is never changed: every step works on a deep copy. By default the loss the
+network was trained with is minimised: its paper's, or the similarity + diffusion that replaced
+it in training (``model.trained_objective``, from the checkpoint's card); a similarity and a
+regularisation weight given in the settings replace either.
 
 Multi-resolution is a scale space: the first levels feed Gaussian-smoothed images (sigma in
 working voxels, coarse to fine) to the network and the loss, which widens the capture range; the
@@ -13,6 +15,7 @@ Early stop: at the last level, when the loss has not improved by ``min_delta`` (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -28,8 +31,8 @@ from napari_deepwarp.core.supervision import Supervision
 
 @dataclass
 class FinetuneSettings:
-    """steps: Adam steps in all; learning_rate: Adam's; similarity: None for the model's own loss,
-    else a name from :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``; reg_weight: weight
+    """steps: Adam steps in all; learning_rate: Adam's; similarity: None for the loss the model
+    was trained with (its own, or ``model.trained_objective``), else a name from :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``; reg_weight: weight
     of ``regulariser`` on the displacement when ``similarity`` is set; level_sigmas: Gaussian
     sigmas (working voxels) of the levels before the final, unsmoothed one; labels_weight /
     landmarks_weight: weights of the supervision terms of :mod:`supervision` (0: off)."""
@@ -63,7 +66,12 @@ class FinetuneResult:
 
 def _objective(model: RegistrationModel, settings: FinetuneSettings):
     if settings.similarity is None:
-        return model.loss
+        if model.trained_objective is None:
+            return model.loss
+        name, weight = model.trained_objective
+        settings = dataclasses.replace(
+            settings, similarity=name, regulariser="diffusion", reg_weight=weight
+        )
     similarity = losses.similarity_loss(settings.similarity, **settings.similarity_kwargs)
     regulariser = losses.REGULARISERS[settings.regulariser]
 
@@ -103,6 +111,9 @@ def finetune_network(
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     tuned = copy.deepcopy(model).to(moving.device).train()
+    if settings.similarity is not None:  # what the copy learns with from now on (its card)
+        diffusion = settings.regulariser == "diffusion"
+        tuned.trained_objective = (settings.similarity, settings.reg_weight) if diffusion else None
     for p in tuned.parameters():
         p.requires_grad_(True)
     objective = _objective(tuned, settings)

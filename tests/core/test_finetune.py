@@ -1,8 +1,17 @@
 """Instance optimisation: a copy is tuned, the source is untouched, stop and cancel work."""
 
+from types import SimpleNamespace
+
 import torch
 from conftest import run_generator
 
+from napari_deepwarp.core.checkpoint import (
+    finetuned_card,
+    load_checkpoint,
+    make_card,
+    override_loss,
+    save_checkpoint,
+)
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import create_model
@@ -33,6 +42,37 @@ def test_similarity_and_weight_can_replace_the_model_loss(registration_pair, one
     events, _ = run_generator(finetune_network(model, moving, fixed, settings))
     expected_first = float(((moving - fixed) ** 2).mean())  # the untrained field is ~0
     assert abs(events[0].loss - expected_first) < 1e-3
+
+
+def test_a_network_trained_with_another_loss_is_fine_tuned_with_it(
+    registration_pair, one_thread, tmp_path
+):
+    """`deepwarp train --similarity mse --reg-weight 0` records that loss in the card; fine-tuning
+    without a similarity continues with it, not with VoxelMorph's own local NCC, and the tuned
+    network's card says so."""
+    moving, fixed, *_ = registration_pair()
+    model = create_model("voxelmorph", **SMALL)
+    mse = float(((moving - fixed) ** 2).mean())  # the untrained field is ~0
+    settings = FinetuneSettings(steps=2, level_sigmas=())
+    first_losses = {}
+    for loss in ("own", "override"):
+        card = make_card(model, **({"loss": override_loss("mse", 0.0)} if loss != "own" else {}))
+        loaded, _ = load_checkpoint(save_checkpoint(tmp_path / f"{loss}.pt", model, card))
+        events, result = run_generator(finetune_network(loaded, moving, fixed, settings))
+        first_losses[loss] = events[0].loss
+        if loss == "own":
+            assert loaded.trained_objective is None
+            continue
+        assert loaded.trained_objective == ("mse", 0.0)
+        run = SimpleNamespace(
+            model=result.model,
+            metrics={"finetune_steps": 2, "seconds": {"finetune": 1.0}},
+            working_grid=None,
+            working_field=None,
+        )
+        assert finetuned_card(run, "fixed <- moving", "test")["loss"] == override_loss("mse", 0.0)
+    assert abs(first_losses["override"] - mse) < 1e-3
+    assert abs(first_losses["own"] - mse) > 1e-2  # local NCC is another number altogether
 
 
 def test_early_stop_when_the_loss_stops_improving(registration_pair, one_thread):

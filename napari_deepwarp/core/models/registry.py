@@ -52,6 +52,10 @@ class RegistrationModel(nn.Module):
     size_multiple: ClassVar[int] = 1
     # trained for pairs of different contrasts (its similarity is mutual information)
     multimodal: ClassVar[bool] = False
+    #: ``(similarity name, diffusion weight)`` when the weights were trained with that loss in
+    #: place of the paper's (``deepwarp train --similarity``; set from the checkpoint's card):
+    #: fine-tuning then continues with the loss the network learnt with. None: its own loss.
+    trained_objective: tuple[str, float] | None = None
 
     def __init__(self, config=None):
         super().__init__()
