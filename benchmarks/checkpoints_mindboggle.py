@@ -36,10 +36,17 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 
 def measure(
-    checkpoint: Path | None, pairs, finetune_pairs, finetune_steps, device: str, refine_pairs=None
+    checkpoint: Path | None,
+    pairs,
+    finetune_pairs,
+    finetune_steps,
+    device: str,
+    refine_pairs=None,
+    max_size: int | None = None,
 ) -> dict:
-    """Mean Dice, folding and wall seconds of each variant for one checkpoint (None: affine)."""
-    base = ["--device", device]
+    """Mean Dice, folding and wall seconds of each variant for one checkpoint (None: affine);
+    ``max_size``: a working grid other than the checkpoint's own (``--max-size``)."""
+    base = ["--device", device] + ([] if max_size is None else ["--max-size", str(max_size)])
     base += ["--model", "affine"] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     variants = {"inference": VARIANTS["inference"]} if checkpoint is None else dict(VARIANTS)
     runs: dict[str, list[tuple[int, int]]] = dict.fromkeys(variants, pairs)
@@ -97,6 +104,9 @@ def main() -> None:
     parser.add_argument("--finetune-steps", default="50,200", help="comma-separated ('' none)")
     parser.add_argument("--checkpoints", nargs="*", help="checkpoint files (default: shipped)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--max-size", type=int, help="working-grid side for every run (default: each card's)"
+    )
     parser.add_argument("--out", default="bench_out/checkpoints_mindboggle")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -123,7 +133,9 @@ def main() -> None:
             f"{training['duration_s'] / 60:.0f} min"
         )
         refine_pairs = None if args.refine_pairs is None else parse_pairs(args.refine_pairs)
-        results = measure(path, pairs, finetune_pairs, steps, args.device, refine_pairs)
+        results = measure(
+            path, pairs, finetune_pairs, steps, args.device, refine_pairs, args.max_size
+        )
         entries.append(
             {"name": path.name, "path": str(path), "trained": trained, "results": results}
         )
@@ -132,9 +144,11 @@ def main() -> None:
         "command": "python -m benchmarks.checkpoints_mindboggle "
         + f"--pairs {args.pairs} --refine-pairs {args.refine_pairs or args.pairs} "
         + f"--finetune-pairs '{args.finetune_pairs}' --finetune-steps '{args.finetune_steps}'"
+        + (f" --max-size {args.max_size}" if args.max_size else "")
         + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "max_size": args.max_size,
         "checkpoints": entries,
     }
     out = Path(args.out)

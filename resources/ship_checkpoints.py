@@ -52,6 +52,9 @@ def main() -> None:
     measured, commands, affine = {}, {}, {}
     for path in args.benchmark:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
+        if report.get("max_size"):  # not the grid the card runs at: not the card's figures
+            print(f"{path}: measured at --max-size {report['max_size']}, left out of the cards")
+            continue
         reference = next(e for e in report["checkpoints"] if "path" not in e)
         affine_dice = reference["results"].get("inference", {}).get("dice")  # none: fine-tune only
         for entry in report["checkpoints"]:
