@@ -84,8 +84,8 @@ def _objective(model: RegistrationModel, settings: FinetuneSettings):
         sim = similarity(warped, fixed)
         reg = regulariser(output.displacement)
         return sim + settings.reg_weight * reg, {
-            "similarity": float(sim),
-            "regularisation": float(reg),
+            "similarity": float(sim.detach()),
+            "regularisation": float(reg.detach()),
         }
 
     return loss
