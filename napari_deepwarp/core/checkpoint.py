@@ -177,7 +177,7 @@ def finetuned_card(result, tuned_on: str, command: str, parent: PathLike | None 
         },
         parent=parent_reference(parent) if parent else None,
         tuned_on=tuned_on,
-        **({"loss": override_loss(*result.model.trained_objective)} if tuned_with else {}),
+        **({"loss": override_loss(*tuned_with)} if tuned_with else {}),
     )
 
 

@@ -32,8 +32,9 @@ from napari_deepwarp.core.supervision import Supervision
 @dataclass
 class FinetuneSettings:
     """steps: Adam steps in all; learning_rate: Adam's; similarity: None for the loss the model
-    was trained with (its own, or ``model.trained_objective``), else a name from :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``; reg_weight: weight
-    of ``regulariser`` on the displacement when ``similarity`` is set; level_sigmas: Gaussian
+    was trained with (its own, or ``model.trained_objective``), else a name from
+    :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``; reg_weight: weight of
+    ``regulariser`` on the displacement when ``similarity`` is set; level_sigmas: Gaussian
     sigmas (working voxels) of the levels before the final, unsmoothed one; labels_weight /
     landmarks_weight: weights of the supervision terms of :mod:`supervision` (0: off)."""
 

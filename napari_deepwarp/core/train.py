@@ -39,6 +39,7 @@ from napari_deepwarp.core.checkpoint import (
     hardware,
     load_checkpoint,
     make_card,
+    override_loss,
     save_checkpoint,
 )
 from napari_deepwarp.core.datasets import (
@@ -478,11 +479,7 @@ def _card(
     if len(legs) > 1:  # resumed: every run that made these weights, in order
         fields["training"]["legs"] = legs
     if settings.similarity is not None:
-        fields["loss"] = {
-            "similarity": {"name": settings.similarity},
-            "regulariser": {"name": "diffusion", "on": "displacement"},
-            "weights": {"similarity": 1.0, "regularisation": settings.reg_weight},
-        }
+        fields["loss"] = override_loss(settings.similarity, settings.reg_weight)
     extra_terms = {}
     if settings.labels_weight > 0:
         extra_terms["labels"] = {"name": "soft_dice", "weight": settings.labels_weight}
