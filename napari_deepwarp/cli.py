@@ -390,7 +390,11 @@ def cmd_models(args) -> int:
 
 def _card_summary(path, card: dict) -> str:
     """One line for a checkpoint: file, default mark, data, steps, size, hardware, Dice."""
-    from napari_deepwarp.core.checkpoint import below_affine_stage, benchmark_dice
+    from napari_deepwarp.core.checkpoint import (
+        below_affine_stage,
+        benchmark_dice,
+        similarity_names,
+    )
 
     training, metrics = card.get("training") or {}, card.get("metrics") or {}
     parts = [path.name + (" (default)" if card.get("default") else "")]
@@ -408,25 +412,12 @@ def _card_summary(path, card: dict) -> str:
         parts.append(f"validation Dice {metrics['validation_mean_dice']:.3f}")
     if benchmark_dice(metrics):
         parts.append(benchmark_dice(metrics))
-    trained_with, own = _similarity_names(card)
+    trained_with, own = similarity_names(card)
     if trained_with and own and trained_with != own:
         parts.append(f"trained with {trained_with} + diffusion, not its paper's {own}")
     if below_affine_stage(card):
         parts.append("prediction alone no better than the affine stage: use with --refine")
     return "; ".join(parts)
-
-
-def _similarity_names(card: dict) -> tuple[str | None, str | None]:
-    """The similarity a checkpoint was trained with, and its architecture's own (None: unknown)."""
-    from napari_deepwarp.core.models.registry import create_model
-
-    trained_with = ((card.get("loss") or {}).get("similarity") or {}).get("name")
-    try:
-        model = create_model(card["architecture"], **card.get("config", {}))
-        own = (model.loss_description().get("similarity") or {}).get("name")
-    except (KeyError, TypeError, ValueError, AttributeError):
-        own = None
-    return trained_with, own
 
 
 # --- train ------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from napari_deepwarp.core.models.registry import (
     RegistrationModel,
     available_models,
     build_config,
+    create_model,
     get_model_class,
 )
 
@@ -528,16 +529,28 @@ def load_checkpoint(
     return model.to(device).eval(), card
 
 
+def similarity_names(
+    card: dict[str, Any], model: RegistrationModel | None = None
+) -> tuple[str | None, str | None]:
+    """The similarity the card says the weights were trained with, and the architecture's own
+    (``model``, else one built from the card); None where unknown."""
+    trained_with = ((card.get("loss") or {}).get("similarity") or {}).get("name")
+    try:
+        model = model or create_model(card["architecture"], **card.get("config", {}))
+        own = (model.loss_description().get("similarity") or {}).get("name")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        own = None
+    return trained_with, own
+
+
 def trained_objective(card: dict[str, Any], model: RegistrationModel) -> tuple[str, float] | None:
     """``(similarity, diffusion weight)`` when the card's loss replaced the architecture's own
     (``deepwarp train --similarity S --reg-weight W``), else None."""
     from napari_deepwarp.core.losses import SIMILARITY_LOSSES
 
     loss = card.get("loss") or {}
-    name = (loss.get("similarity") or {}).get("name")
     regulariser = loss.get("regulariser") or {}
-    describe = getattr(model, "loss_description", None)
-    own = ((describe() if callable(describe) else {}).get("similarity") or {}).get("name")
+    name, own = similarity_names(card, model)
     if name == own or name not in SIMILARITY_LOSSES:
         return None
     if regulariser.get("name") != "diffusion" or regulariser.get("on") != "displacement":
