@@ -61,7 +61,9 @@ class TrainSettings:
     overrides; init: a checkpoint to start from instead of random weights. When ``model`` names
     another architecture than ``init``'s, ``init``'s weights are loaded into ``model`` (strictly:
     the two must have the same layers, e.g. ``voxelmorph`` -> ``mi_unet``), a warm start that
-    keeps ``model``'s own loss.
+    keeps ``model``'s own loss. ``config`` overrides of ``init``'s own architecture apply on top
+    of its config; they may drop a part of the network (LinDef's ``use_affine=false``) but not
+    add or reshape a layer.
     data: ``"synth"``, a folder of volumes or a CSV (see :mod:`datasets`); shape: training grid
     (z, y, x); similarity: None for the model's own loss, else a name of
     :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
@@ -279,14 +281,15 @@ def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
         config = {**card["config"], **settings.config} if same else settings.config
         target = _create(card["architecture"] if same else name, config)
         try:
-            target.load_state_dict(model.state_dict(), strict=True)
+            _load_kept_weights(target, model.state_dict(), drop_allowed=same)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             if same:
                 raise InputError(
                     f"--config {settings.config} changes the layers of the network in --init "
-                    f"{settings.init} ({first}); only settings that shape no weights (such as "
-                    f"loss weights) can change when starting from a checkpoint"
+                    f"{settings.init} ({first}); starting from a checkpoint, only settings that "
+                    f"shape no weights (such as loss weights) or that drop a part of the network "
+                    f"(such as use_affine=false) can change"
                 ) from None
             raise InputError(
                 f"--init {settings.init} holds a {card['architecture']!r} network whose weights "
@@ -295,6 +298,20 @@ def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
             ) from None
         return target.train(), card
     return _create(name or "voxelmorph", settings.config).train(), None
+
+
+def _load_kept_weights(target: RegistrationModel, weights: dict, drop_allowed: bool) -> None:
+    """Load ``weights`` into ``target``; with ``drop_allowed``, weights of layers that ``target``
+    no longer has (e.g. ``--config use_affine=false`` drops LinDef's affine head) are left out.
+    Every layer of ``target`` must get its weights: a new or reshaped layer raises RuntimeError."""
+    if not drop_allowed:
+        target.load_state_dict(weights, strict=True)
+        return
+    kept = target.state_dict().keys()
+    missing = [k for k in kept if k not in weights]
+    if missing:
+        raise RuntimeError(f"new layers without weights in the checkpoint: {', '.join(missing)}")
+    target.load_state_dict({k: v for k, v in weights.items() if k in kept}, strict=True)
 
 
 def _create(name: str, config: dict) -> RegistrationModel:

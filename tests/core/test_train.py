@@ -306,3 +306,38 @@ def test_config_overrides_apply_on_top_of_the_init_checkpoint(tmp_path, one_thre
     )
     with pytest.raises(InputError, match="changes the layers of the network in --init"):
         run_generator(train(wider))
+
+
+def test_an_override_may_drop_a_part_of_the_init_network_but_not_add_one(tmp_path, one_thread):
+    """--init lindef.pt --config use_affine=false: the paper's "w/o Affine" variant starts from
+    the full network's encoder and decoder; the reverse would leave a head untrained."""
+    small = {"enc_channels": [4, 4], "enc_dilations": [1, 2], "dec_channels": [4]}
+    full = settings(tmp_path, "full.pt", model="lindef", config=small, shape=(16, 16, 16), steps=1)
+    run_generator(train(full))
+    parent, _ = load_checkpoint(tmp_path / "full.pt")
+    dropped = settings(
+        tmp_path,
+        "noaffine.pt",
+        model=None,
+        init=tmp_path / "full.pt",
+        config={"use_affine": False},
+        shape=(16, 16, 16),
+        steps=1,
+        learning_rate=0.0,
+    )
+    _, result = run_generator(train(dropped))
+    assert result.model.affine is None
+    kept = result.model.state_dict()
+    assert kept and all(torch.equal(kept[k], parent.state_dict()[k]) for k in kept)
+    assert read_card(tmp_path / "noaffine.pt")["config"]["use_affine"] is False
+    added = settings(
+        tmp_path,
+        "again.pt",
+        model=None,
+        init=tmp_path / "noaffine.pt",
+        config={"use_affine": True},
+        shape=(16, 16, 16),
+        steps=1,
+    )
+    with pytest.raises(InputError, match="new layers without weights.*affine"):
+        run_generator(train(added))
