@@ -315,29 +315,18 @@ def test_an_override_may_drop_a_part_of_the_init_network_but_not_add_one(tmp_pat
     full = settings(tmp_path, "full.pt", model="lindef", config=small, shape=(16, 16, 16), steps=1)
     run_generator(train(full))
     parent, _ = load_checkpoint(tmp_path / "full.pt")
-    dropped = settings(
-        tmp_path,
-        "noaffine.pt",
-        model=None,
-        init=tmp_path / "full.pt",
-        config={"use_affine": False},
-        shape=(16, 16, 16),
-        steps=1,
-        learning_rate=0.0,
-    )
+
+    def started_from(parent_name, name, **config):
+        init = tmp_path / parent_name
+        return settings(tmp_path, name, model=None, init=init, config=config, shape=(16, 16, 16))
+
+    dropped = started_from("full.pt", "noaffine.pt", use_affine=False)
+    dropped.steps, dropped.learning_rate = 1, 0.0
     _, result = run_generator(train(dropped))
     assert result.model.affine is None
     kept = result.model.state_dict()
     assert kept and all(torch.equal(kept[k], parent.state_dict()[k]) for k in kept)
     assert read_card(tmp_path / "noaffine.pt")["config"]["use_affine"] is False
-    added = settings(
-        tmp_path,
-        "again.pt",
-        model=None,
-        init=tmp_path / "noaffine.pt",
-        config={"use_affine": True},
-        shape=(16, 16, 16),
-        steps=1,
-    )
+    added = started_from("noaffine.pt", "again.pt", use_affine=True)
     with pytest.raises(InputError, match="new layers without weights.*affine"):
         run_generator(train(added))
