@@ -416,7 +416,7 @@ def _card_summary(path, card: dict) -> str:
     if trained_with and own and trained_with != own:
         parts.append(f"trained with {trained_with} + diffusion, not its paper's {own}")
     if below_affine_stage(card):
-        parts.append("prediction alone no better than the affine stage: use with --refine")
+        parts.append("prediction alone not clearly above the affine stage: use with --refine")
     return "; ".join(parts)
 
 

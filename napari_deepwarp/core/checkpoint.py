@@ -417,16 +417,18 @@ def benchmark_dice(metrics: dict[str, Any]) -> str | None:
 
 
 def below_affine_stage(card: dict[str, Any]) -> str | None:
-    """A warning when the card's own benchmark shows this checkpoint's prediction no better
-    than the affine stage alone (mean Dice on the Mindboggle pairs, same run), else None."""
+    """A warning when the card's own benchmark shows this checkpoint's prediction not above the
+    affine stage alone by more than :data:`AFFINE_MARGIN` (mean Dice on the Mindboggle pairs,
+    same run), else None."""
     metrics = card.get("metrics") or {}
     dice = metrics.get("mindboggle_mean_dice")
     affine = metrics.get("mindboggle_mean_dice_affine_stage")
     if dice is None or affine is None or dice > affine + AFFINE_MARGIN:
         return None
     return (
-        f"on the Mindboggle benchmark this checkpoint's prediction (Dice {dice:.3f}) does not "
-        f"beat the affine stage alone ({affine:.3f}); refine the field (--refine 150) or "
+        f"on the Mindboggle benchmark this checkpoint's prediction (Dice {dice:.3f}) is not "
+        f"clearly above the affine stage alone ({affine:.3f}; it must beat it by more than "
+        f"{AFFINE_MARGIN}); refine the field (--refine 150) or "
         "fine-tune, or pick the default checkpoint"
     )
 
