@@ -54,7 +54,11 @@ def card_summary(card: dict) -> str:
         _metrics_line(metrics),
     ]
     if card.get("parent"):
-        lines.append(f"fine-tuned from {card['parent'].get('name')} on {card.get('tuned_on')}")
+        parent = card["parent"].get("name")
+        tuned_on = card.get("tuned_on")  # None: a training run warm-started from the parent
+        lines.append(
+            f"fine-tuned from {parent} on {tuned_on}" if tuned_on else f"started from {parent}"
+        )
     return "\n".join(line for line in lines if line)
 
 

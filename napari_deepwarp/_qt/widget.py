@@ -14,17 +14,19 @@ import numpy as np
 from napari.layers import Image, Labels, Layer, Points
 from napari.qt.threading import create_worker
 from napari.utils import notifications
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QTabWidget,
     QVBoxLayout,
@@ -53,6 +55,29 @@ from .tables import CopyableTable
 from .worker import RegistrationFailed, RunRequest, run_job
 
 NONE = "(none)"
+
+
+class VerticalScroll(QScrollArea):
+    """Scrolls its content vertically only, as wide as the content asks (never cut at the side)."""
+
+    def __init__(self, content: QWidget):
+        super().__init__()
+        self.setWidget(content)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def _with_scrollbar(self, size: QSize, height: int) -> QSize:
+        return QSize(size.width() + self.verticalScrollBar().sizeHint().width(), height)
+
+    def sizeHint(self) -> QSize:
+        hint = self.widget().sizeHint()
+        return self._with_scrollbar(hint, hint.height())
+
+    def minimumSizeHint(self) -> QSize:
+        return self._with_scrollbar(self.widget().minimumSizeHint(), 120)
+
+
 #: role -> (layer class, optional)
 ROLES = {
     "fixed": (Image, False),
@@ -228,7 +253,9 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         rl.addLayout(export_row)
         self.compare = CompareRuns(self.viewer)
         self.tabs = QTabWidget()
-        self.tabs.addTab(setup, "Setup")
+        # scrolls rather than squeezing rows (a long card summary was cut off on short screens)
+        setup_scroll = VerticalScroll(setup)
+        self.tabs.addTab(setup_scroll, "Setup")
         self.tabs.addTab(result, "Result")
         self.tabs.addTab(self.compare, "Compare")
         layout.insertWidget(0, self.tabs, stretch=1)

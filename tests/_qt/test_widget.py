@@ -236,9 +236,17 @@ def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
     assert "runs at" not in card_summary({"architecture": "fcn_ms"})
     below = {"mindboggle_mean_dice": 0.38, "mindboggle_mean_dice_affine_stage": 0.419}
     summary = card_summary({"architecture": "cfwn", "metrics": below})
-    assert "does not beat the affine stage alone (0.419)" in summary
+    assert "not clearly above the affine stage alone (0.419" in summary
     assert "field refinement" in summary
+    slight = {"mindboggle_mean_dice": 0.425, "mindboggle_mean_dice_affine_stage": 0.419}
+    summary = card_summary({"architecture": "cfwn", "metrics": slight})
+    assert "(Dice 0.425) is not clearly above" in summary and "by more than 0.01" in summary
     above = {"mindboggle_mean_dice": 0.5, "mindboggle_mean_dice_affine_stage": 0.419}
     summary = card_summary({"architecture": "cfwn", "metrics": above})
-    assert "does not beat" not in summary and "note:" not in summary
+    assert "clearly above" not in summary and "note:" not in summary
     assert "Mindboggle Dice 0.500 (affine stage alone 0.419)" in summary
+    warm_started = {"architecture": "lindef", "parent": {"name": "a.pt"}, "tuned_on": None}
+    assert "started from a.pt" in card_summary(warm_started)
+    assert "on None" not in card_summary(warm_started)
+    tuned = {**warm_started, "tuned_on": "fixed.nii.gz <- moving.nii.gz"}
+    assert "fine-tuned from a.pt on fixed.nii.gz <- moving.nii.gz" in card_summary(tuned)
