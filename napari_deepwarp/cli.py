@@ -393,6 +393,7 @@ def _card_summary(path, card: dict) -> str:
     from napari_deepwarp.core.checkpoint import (
         below_affine_stage,
         benchmark_dice,
+        config_changes,
         similarity_names,
     )
 
@@ -415,6 +416,8 @@ def _card_summary(path, card: dict) -> str:
     trained_with, own = similarity_names(card)
     if trained_with and own and trained_with != own:
         parts.append(f"trained with {trained_with} + diffusion, not its paper's {own}")
+    if config_changes(card):
+        parts.append(f"config {config_changes(card)}")
     if below_affine_stage(card):
         parts.append("prediction alone not clearly above the affine stage: use with --refine")
     return "; ".join(parts)

@@ -213,6 +213,7 @@ def test_a_card_trained_with_another_loss_says_so():
     own = {**card, "loss": {"similarity": {"name": "ncc_ssd"}}}
     other = {**card, "loss": {"similarity": {"name": "lncc"}}}
     assert "not its paper's" not in _card_summary(Path("own.pt"), own)
+    assert "config widths=[4, 4, 4, 4, 4, 4, 4]" in _card_summary(Path("own.pt"), own)
     assert "trained with lncc + diffusion, not its paper's ncc_ssd" in _card_summary(
         Path("other.pt"), other
     )

@@ -14,6 +14,7 @@ from napari_deepwarp.core.checkpoint import (
     CheckpointError,
     below_affine_stage,
     benchmark_dice,
+    config_changes,
     default_checkpoint,
     read_card,
     shipped_checkpoints,
@@ -50,6 +51,7 @@ def card_summary(card: dict) -> str:
         else "",
         card.get("description") or "",
         f"modality: {card.get('modality') or '?'}; {_working(card)}",
+        f"config: {config_changes(card)}" if config_changes(card) else "",
         f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
         _metrics_line(metrics),
     ]

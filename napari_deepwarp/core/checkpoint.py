@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import re
@@ -431,6 +432,26 @@ def below_affine_stage(card: dict[str, Any]) -> str | None:
         f"{AFFINE_MARGIN}); refine the field (--refine 150) or "
         "fine-tune, or pick the default checkpoint"
     )
+
+
+def config_changes(card: dict[str, Any]) -> str | None:
+    """The card's config fields that differ from its architecture's defaults, written as
+    ``deepwarp train --config`` takes them (``use_affine=false, alpha=0.001``); None when there
+    are none or the architecture is not registered."""
+    cls = available_models().get(card.get("architecture"))
+    if cls is None or not dataclasses.is_dataclass(cls.config_class):
+        return None
+
+    def plain(value: Any) -> Any:  # a card holds lists where a config holds tuples
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    defaults = {k: plain(v) for k, v in dataclasses.asdict(cls.config_class()).items()}
+    changed = [
+        f"{key}={json.dumps(plain(value))}"
+        for key, value in (card.get("config") or {}).items()
+        if key in defaults and plain(value) != defaults[key]
+    ]
+    return ", ".join(changed) or None
 
 
 def default_checkpoint(

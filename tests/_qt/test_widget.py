@@ -247,6 +247,10 @@ def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
     assert "Mindboggle Dice 0.500 (affine stage alone 0.419)" in summary
     warm_started = {"architecture": "lindef", "parent": {"name": "a.pt"}, "tuned_on": None}
     assert "started from a.pt" in card_summary(warm_started)
+    assert "config: use_affine=false" in card_summary(
+        {**warm_started, "config": {"use_affine": False}}
+    )
+    assert "config:" not in card_summary(warm_started)
     assert "on None" not in card_summary(warm_started)
     tuned = {**warm_started, "tuned_on": "fixed.nii.gz <- moving.nii.gz"}
     assert "fine-tuned from a.pt on fixed.nii.gz <- moving.nii.gz" in card_summary(tuned)

@@ -251,3 +251,14 @@ def test_working_size_prefers_the_chosen_inference_size_then_the_training_size()
     # refining always gets at least a 96-voxel grid
     assert working_size({**trained, "inference_size": 48}, refining=True) == 96
     assert working_size({"working_shape": [128, 128, 128]}, refining=True) == 128
+
+
+def test_config_changes_name_the_fields_set_away_from_the_defaults():
+    from napari_deepwarp.core.checkpoint import config_changes
+    from napari_deepwarp.core.models.lindef import LinDef, LinDefConfig
+
+    assert config_changes(make_card(LinDef())) is None
+    changed = make_card(LinDef(LinDefConfig(use_affine=False, dec_channels=(16, 16))))
+    # as `deepwarp train --config` takes them; lists and tuples compare alike
+    assert config_changes(changed) == "dec_channels=[16, 16], use_affine=false"
+    assert config_changes({"architecture": "no_such_model", "config": {"a": 1}}) is None
