@@ -1,5 +1,8 @@
 """Volumes, files and the bad-input errors: geometry must survive every format."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -224,3 +227,14 @@ def test_landmarks_from_csv_with_and_without_header_and_from_slicer(tmp_path):
     bad.write_text("x,y,z\n1,two,3\n", encoding="utf-8")
     with pytest.raises(InputError, match="x,y,z"):
         read_landmarks(bad)
+
+
+def test_a_4d_file_is_refused_with_a_command_that_extracts_a_volume(tmp_path):
+    stack = np.arange(2 * 5 * 6 * 7, dtype=np.float32).reshape(2, 5, 6, 7)
+    path = write_array(tmp_path, stack)
+    with pytest.raises(io.InputError, match="4D with 2 volumes") as err:
+        io.read_volume(path)
+    command = str(err.value).split('python -c "', 1)[1].rstrip('"')
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)  # as printed
+    first = io.read_volume(tmp_path / (path.name.split(".")[0] + "_0.nii.gz"))
+    np.testing.assert_array_equal(first.array, stack[0])
