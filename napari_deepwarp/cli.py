@@ -416,8 +416,9 @@ def _card_summary(path, card: dict) -> str:
     trained_with, own = similarity_names(card)
     if trained_with and own and trained_with != own:
         parts.append(f"trained with {trained_with} + diffusion, not its paper's {own}")
-    if config_changes(card):
-        parts.append(f"config {config_changes(card)}")
+    changed = config_changes(card)
+    if changed:
+        parts.append(f"config {changed}")
     if below_affine_stage(card):
         parts.append("prediction alone not clearly above the affine stage: use with --refine")
     return "; ".join(parts)

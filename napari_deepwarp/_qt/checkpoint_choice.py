@@ -51,7 +51,7 @@ def card_summary(card: dict) -> str:
         else "",
         card.get("description") or "",
         f"modality: {card.get('modality') or '?'}; {_working(card)}",
-        f"config: {config_changes(card)}" if config_changes(card) else "",
+        f"config: {changed}" if (changed := config_changes(card)) else "",
         f"trained on: {training.get('data') or '?'} ({training.get('steps') or '?'} steps)",
         _metrics_line(metrics),
     ]

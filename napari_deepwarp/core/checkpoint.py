@@ -434,6 +434,17 @@ def below_affine_stage(card: dict[str, Any]) -> str | None:
     )
 
 
+def _plain(value: Any) -> Any:
+    """Lists for tuples, recursively: a card holds lists where a config holds tuples."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _changed_fields(cls: type[RegistrationModel], values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` (config fields) that differ from ``cls``'s default config."""
+    defaults = {k: _plain(v) for k, v in dataclasses.asdict(cls.config_class()).items()}
+    return {k: v for k, v in values.items() if k in defaults and _plain(v) != defaults[k]}
+
+
 def config_changes(card: dict[str, Any]) -> str | None:
     """The card's config fields that differ from its architecture's defaults, written as
     ``deepwarp train --config`` takes them (``use_affine=false, alpha=0.001``); None when there
@@ -441,17 +452,8 @@ def config_changes(card: dict[str, Any]) -> str | None:
     cls = available_models().get(card.get("architecture"))
     if cls is None or not dataclasses.is_dataclass(cls.config_class):
         return None
-
-    def plain(value: Any) -> Any:  # a card holds lists where a config holds tuples
-        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-    defaults = {k: plain(v) for k, v in dataclasses.asdict(cls.config_class()).items()}
-    changed = [
-        f"{key}={json.dumps(plain(value))}"
-        for key, value in (card.get("config") or {}).items()
-        if key in defaults and plain(value) != defaults[key]
-    ]
-    return ", ".join(changed) or None
+    changed = _changed_fields(cls, card.get("config") or {})
+    return ", ".join(f"{k}={json.dumps(_plain(v))}" for k, v in changed.items()) or None
 
 
 def default_checkpoint(
@@ -479,9 +481,8 @@ def _config_summary(cls: type[RegistrationModel], config: Any) -> str:
 
     A config of defaults only is shown by its sequence-valued fields (layer widths and the like).
     """
-    defaults = dataclasses.asdict(cls.config_class())
     values = dataclasses.asdict(config)
-    diffs = [f"{k}={v!r}" for k, v in values.items() if defaults.get(k) != v]
+    diffs = [f"{k}={v!r}" for k, v in _changed_fields(cls, values).items()]
     if diffs:
         return ", ".join(diffs)
     # All defaults: show the sequence-valued fields, which usually shape the layers.

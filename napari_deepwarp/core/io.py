@@ -82,17 +82,17 @@ def read_volume(path: str | os.PathLike, labels: bool = False) -> Volume:
     if img.GetDimension() == 4 and size[3] == 1:
         img = img[:, :, :, 0]
     if img.GetDimension() != 3:
-        extra, how = "", "give a 3D volume"
+        extra, how = "", ""
         if img.GetDimension() == 4:
             extra = f" with {size[3]} volumes"
             first = path.name.split(".")[0] + "_0.nii.gz"
             how = (
-                'save the volume you want as its own file, e.g. the first: python -c "import '
-                f"SimpleITK as s; s.WriteImage(s.ReadImage({str(path)!r})[:, :, :, 0], {first!r})\""
+                ': save the volume you want as its own file, e.g. the first: python -c "import '
+                f'SimpleITK as s; s.WriteImage(s.ReadImage({str(path)!r})[:, :, :, 0], {first!r})"'
             )
         raise InputError(
             f"{path}: {kind} is {img.GetDimension()}D{extra} (size {size}); deepwarp needs a 3D "
-            f"volume: {how}"
+            f"volume{how}"
         )
     if min(size) < 2:
         raise InputError(f"{path}: {kind} of size {size} is a single slice; give a 3D volume")
