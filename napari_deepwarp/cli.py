@@ -156,6 +156,13 @@ def _add_method_options(p) -> None:
         "(needs --fixed-labels and --moving-labels)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the network's compute precision (auto: bfloat16 where the device computes it "
+        "natively, such as recent GPUs and CPUs with AVX512-BF16 or AMX; else float32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--modality",
@@ -241,6 +248,7 @@ def _settings_and_model(args):
         affine=not args.no_affine,
         affine_from=getattr(args, "affine_from", "images"),
         device=args.device,
+        precision=args.precision,
         seed=args.seed,
         modality=args.modality,
         working_spacing=spacing,
@@ -320,7 +328,10 @@ def _summary(metrics: dict, written) -> None:
     for stage in ("before", "affine", "after"):
         if metrics.get(f"tre_{stage}_mm") is not None:
             parts.append(f"TRE {stage} {metrics[f'tre_{stage}_mm']:.2f} mm")
-    parts.append(f"{metrics['seconds']['total']:.1f} s on {metrics['device']}")
+    where = metrics["device"]
+    if metrics.get("precision"):
+        where += f" ({metrics['precision']})"
+    parts.append(f"{metrics['seconds']['total']:.1f} s on {where}")
     print("; ".join(parts))
     print("wrote " + ", ".join(str(p) for p in written))
 

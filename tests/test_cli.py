@@ -76,6 +76,8 @@ def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
             "3",
             "--device",
             "cpu",
+            "--precision",
+            "bfloat16",
             "--max-size",
             "32",
             "-q",
@@ -98,6 +100,7 @@ def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
         assert np.allclose(img.GetDirection(), fixed.GetDirection(), atol=1e-5)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["device"] == "cpu" and "mean_dice_after" in metrics
+    assert metrics["precision"] == "bfloat16"
     assert "labels_after" in metrics and metrics["seconds"]["total"] > 0
 
     # `deepwarp warp` with either saved transform reproduces the propagated labels exactly
@@ -122,6 +125,15 @@ def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
         again = sitk.GetArrayFromImage(sitk.ReadImage(str(target)))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
         assert (again != ref).mean() < 1e-3
+
+
+def test_the_summary_line_names_the_device_and_the_networks_precision(pair, capsys):
+    d, f, m = pair
+    args = ["register", str(f), str(m), "-o", str(d / "out"), "--device", "cpu"]
+    assert main([*args, "--max-size", "32", "--checkpoint", "none", "--precision", "float32"]) == 0
+    assert "s on cpu (float32)" in capsys.readouterr().out
+    assert main([*args, "--model", "affine"]) == 0
+    assert "s on cpu\n" in capsys.readouterr().out  # no network, no precision
 
 
 def test_affine_only_is_a_method(pair):

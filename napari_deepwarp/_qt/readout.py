@@ -57,6 +57,8 @@ def metric_rows(record) -> list[list[str]]:
     for stage, seconds in (m.get("seconds") or {}).items():
         rows.append([f"time {stage} (s)", "", "", _fmt(seconds, 3)])
     rows.append(["device", "", "", str(m.get("device", ""))])
+    if m.get("precision"):
+        rows.append(["network precision", "", "", str(m["precision"])])
     if record.peak_memory_mb is not None:
         rows.append(
             [f"peak memory (MB, {record.memory_method})", "", "", _fmt(record.peak_memory_mb)]

@@ -40,6 +40,7 @@ from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match
 from napari_deepwarp.core.models.registry import available_models
 from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
+from napari_deepwarp.core.precision import PRECISIONS
 from napari_deepwarp.core.progress import STOP
 from napari_deepwarp.core.refine import RefineSettings
 from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volume_from_layer
@@ -155,6 +156,12 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.card_panel.setStyleSheet("color: #aaa; font-size: 10px;")
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        self.precision = QComboBox()
+        self.precision.addItems(list(PRECISIONS))
+        self.precision.setToolTip(
+            "the network's compute precision; auto: bfloat16 where the device computes it "
+            "natively (recent GPUs, CPUs with AVX512-BF16 or AMX), else float32"
+        )
         self.affine = QCheckBox("affine pre-alignment")
         self.affine.setChecked(True)
         self.affine_from = QComboBox()
@@ -190,6 +197,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         form.addRow("checkpoint", self.checkpoint)
         form.addRow(self.card_panel)
         form.addRow("device", self.device)
+        form.addRow("precision", self.precision)
         form.addRow(self.affine)
         form.addRow("affine aligns", self.affine_from)
         form.addRow("fine-tuning", self.mode)
@@ -471,6 +479,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             affine=self.affine.isChecked(),
             affine_from=self.affine_from.currentText(),
             device=self.device.currentText(),
+            precision=self.precision.currentText(),
             max_size=self.max_size.value(),
             finetune=finetune,
             refine=refine,
@@ -496,6 +505,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             parts.append("no affine")
         elif settings.affine and settings.affine_from == "labels":
             parts.append("affine from labels")
+        if settings.model != AFFINE_ONLY and settings.precision != "auto":
+            parts.append(settings.precision)
         return " · ".join(parts)
 
     def run(self) -> None:

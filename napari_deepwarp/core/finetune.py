@@ -25,6 +25,7 @@ import torch
 from napari_deepwarp.core import losses
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import RegistrationModel, RegistrationOutput
+from napari_deepwarp.core.precision import autocast
 from napari_deepwarp.core.progress import Plateau, Progress, stop_reason
 from napari_deepwarp.core.supervision import Supervision
 
@@ -98,10 +99,14 @@ def finetune_network(
     fixed: torch.Tensor,
     settings: FinetuneSettings | None = None,
     supervision: Supervision | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Generator[Progress, None, FinetuneResult]:
     """Optimise a deep copy of ``model`` on one pair ``(1, 1, D, H, W)`` on the working grid.
 
     ``supervision``: label maps and/or landmarks on the same grid, weighted by the settings.
+    ``dtype``: the forward passes' autocast precision (:mod:`precision`); the weights, the
+    optimiser and the returned field stay float32. float16 scales the loss (``GradScaler``) so
+    that small gradients do not underflow; bfloat16 needs no scaling.
 
     Yields :class:`Progress` after every step (``preview`` holds the current field every
     ``preview_every`` steps); returns a :class:`FinetuneResult`. Closing the generator cancels;
@@ -119,6 +124,7 @@ def finetune_network(
         p.requires_grad_(True)
     objective = _objective(tuned, settings)
     optimiser = torch.optim.Adam(tuned.parameters(), lr=settings.learning_rate)
+    scaler = torch.amp.GradScaler(moving.device.type, enabled=dtype == torch.float16)
     sigmas = [*settings.level_sigmas, 0.0]
     per_level = max(1, settings.steps // len(sigmas))
     history: list[float] = []
@@ -130,21 +136,23 @@ def finetune_network(
         mov, fix = gaussian_smooth(moving, sigma), gaussian_smooth(fixed, sigma)
         for _ in range(n):
             optimiser.zero_grad(set_to_none=True)
-            output = tuned(mov, fix)
-            loss, _terms = objective(output, mov, fix)
-            if supervision is not None:
-                extra, _ = supervision.loss(
-                    output.displacement, settings.labels_weight, settings.landmarks_weight
-                )
-                loss = loss + extra
-            loss.backward()
-            optimiser.step()
+            with autocast(moving.device, dtype):
+                output = tuned(mov, fix)
+                loss, _terms = objective(output, mov, fix)
+                if supervision is not None:
+                    extra, _ = supervision.loss(
+                        output.displacement, settings.labels_weight, settings.landmarks_weight
+                    )
+                    loss = loss + extra
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
             step += 1
             value = float(loss.detach())
             history.append(value)
             preview = None
             if settings.preview_every and step % settings.preview_every == 0:
-                preview = {"displacement": output.displacement.detach()}
+                preview = {"displacement": output.displacement.detach().float()}
             command = yield Progress(
                 step,
                 settings.steps,
@@ -160,6 +168,7 @@ def finetune_network(
         if halted:
             break
     tuned.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(moving.device, dtype):
         displacement = tuned(moving, fixed).displacement.detach()
+    displacement = displacement.float()
     return FinetuneResult(tuned, displacement, history, step, stopped, time.perf_counter() - start)

@@ -26,6 +26,7 @@ from napari_deepwarp.core.affine import AffineSettings, align_affine, label_driv
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match, check_overlap
 from napari_deepwarp.core.models.registry import RegistrationModel, create_model
+from napari_deepwarp.core.precision import autocast, precision_name, resolve_precision
 from napari_deepwarp.core.preprocess import (
     IntensityPreset,
     apply_window,
@@ -69,12 +70,15 @@ class RegistrationSettings:
     working-grid side when the spacing is chosen; finetune: instance optimisation (steps=0: off);
     refine: optimise the field itself after the network (steps=0: off); affine_from: what the
     affine stage aligns, ``"images"`` (mutual information) or ``"labels"`` (the two label maps,
-    see :func:`affine.label_driven`; both must be given)."""
+    see :func:`affine.label_driven`; both must be given); precision: the network's compute
+    precision, ``"auto"`` (bfloat16 where the device computes it natively, else float32),
+    ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :mod:`precision`)."""
 
     model: str = "voxelmorph"
     affine: bool = True
     affine_from: str = "images"
     device: str = "auto"
+    precision: str = "auto"
     seed: int = 0
     modality: str = "auto"
     working_spacing: float | None = None
@@ -346,6 +350,7 @@ def register(
     if fixed_landmarks is not None or moving_landmarks is not None:
         fixed_landmarks, moving_landmarks = check_landmarks(fixed_landmarks, moving_landmarks)
     device = resolve_device(settings.device)
+    dtype = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
     deformable = settings.model != AFFINE_ONLY
     if deformable and model is None:
@@ -391,10 +396,14 @@ def register(
         grid = working_grid(fixed, settings.working_spacing, settings.max_size, model.size_multiple)
         fixed_w = network_input(fixed, grid, fixed_window)
         moving_w = network_input(moving, grid, moving_window, affine)
-        fix_t, mov_t = _to_tensor(fixed_w, device), _to_tensor(moving_w, device)
-        model = model.to(device).eval()
-        with torch.no_grad():
+        layout = torch.channels_last_3d if model.channels_last else torch.contiguous_format
+        fix_t, mov_t = (
+            _to_tensor(a, device).contiguous(memory_format=layout) for a in (fixed_w, moving_w)
+        )
+        model = model.to(device, memory_format=layout).eval()
+        with torch.no_grad(), autocast(device, dtype):
             field_w = model(mov_t, fix_t).displacement
+        field_w = field_w.float()
         seconds["predict"] = time.perf_counter() - t
         yield Progress(1, 1, "predicted the deformation", stage="predict")
         supervision = None
@@ -405,7 +414,9 @@ def register(
         if settings.finetune.steps > 0:
             t = time.perf_counter()
             tuned = yield from _with_preview(
-                finetune_network(model, mov_t, fix_t, settings.finetune, supervision), mov_t, grid
+                finetune_network(model, mov_t, fix_t, settings.finetune, supervision, dtype),
+                mov_t,
+                grid,
             )
             field_w, model = tuned.displacement, tuned.model
             seconds["finetune"] = time.perf_counter() - t
@@ -437,6 +448,7 @@ def register(
     metrics: dict = {
         "model": settings.model,
         "device": str(device),
+        "precision": precision_name(dtype) if deformable else None,
         "affine_stage": affine is not None,
         "affine_from": settings.affine_from if affine is not None else None,
         "finetune_steps": settings.finetune.steps,

@@ -108,9 +108,12 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     viewer, w = open_widget()
     w.mode.setCurrentIndex(2)
     w.steps.setValue(10)
+    w.precision.setCurrentText("float32")
     w.run()
     wait_idle(qtbot, w)
     assert w.compare.table.rowCount() == 1
+    assert w.records[0].result.metrics["precision"] == "float32"
+    assert w.compare.table.item(0, 0).text().endswith("· float32")
     w.model.setCurrentText("affine")
     w.mode.setCurrentIndex(0)
     w.affine_from.setCurrentText("labels")

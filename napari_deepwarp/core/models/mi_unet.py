@@ -99,6 +99,8 @@ class MIUNet(RegistrationModel):
     config_class = MIUNetConfig
     multimodal = True
     size_multiple = 16
+    # 1.2-1.5x faster forward on a 2-core AVX512 CPU, float32 and bfloat16 (benchmarks.run)
+    channels_last = True
 
     def __init__(self, config: MIUNetConfig | None = None):
         super().__init__(config)

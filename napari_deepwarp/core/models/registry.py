@@ -52,6 +52,9 @@ class RegistrationModel(nn.Module):
     size_multiple: ClassVar[int] = 1
     # trained for pairs of different contrasts (its similarity is mutual information)
     multimodal: ClassVar[bool] = False
+    #: inference runs in channels-last memory (``torch.channels_last_3d``), where that was
+    #: measured faster for this architecture (``python -m benchmarks.run``, its variants table)
+    channels_last: ClassVar[bool] = False
     #: ``(similarity name, diffusion weight)`` when the weights were trained with that loss in
     #: place of the paper's (``deepwarp train --similarity``; set from the checkpoint's card):
     #: fine-tuning then continues with the loss the network learnt with. None: its own loss.

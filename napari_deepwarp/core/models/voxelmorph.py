@@ -89,6 +89,8 @@ class VoxelMorph(RegistrationModel):
     )
     config_class = VoxelMorphConfig
     size_multiple = 16
+    # 1.2-1.5x faster forward on a 2-core AVX512 CPU, float32 and bfloat16 (benchmarks.run)
+    channels_last = True
 
     def __init__(self, config: VoxelMorphConfig | None = None):
         super().__init__(config)

@@ -1,0 +1,63 @@
+"""Mixed precision for the network: what ``"auto"`` means on a device, and the autocast context
+that runs a forward pass (and fine-tuning) in it.
+
+Only the network runs in reduced precision. Its field is returned as float32, and everything
+after it (the warp at full resolution, the Jacobian, the metrics, field refinement) stays in
+float32. Losses take reduced-precision inputs in float32 (see :mod:`losses`).
+
+``"auto"`` picks bfloat16 where the hardware computes it natively and float32 elsewhere:
+- on CUDA: GPUs that support bfloat16 (``torch.cuda.is_bf16_supported()``, Ampere and later);
+- on the CPU: processors with AVX512-BF16 or AMX. Elsewhere oneDNN emulates bfloat16, which
+  is slower than float32.
+
+bfloat16 keeps float32's exponent range, so it needs no loss scaling. float16 is available on
+request.
+
+What bfloat16 costs in accuracy was checked on the shipped checkpoints with
+``python -m benchmarks.precision_mindboggle`` (figures in the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from napari_deepwarp.core.io import InputError
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """True where ``device`` computes bfloat16 in hardware (see the module docstring)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        cpu = torch.cpu
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """The network's compute dtype for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if precision not in _DTYPES:
+        raise InputError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
+    return _DTYPES[precision]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    """A context that runs the operations autocast covers in ``dtype`` (convolutions and matrix
+    products; float32 where autocast keeps it, such as sampling); a no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (as the settings and metrics write it)."""
+    return str(dtype).removeprefix("torch.")
