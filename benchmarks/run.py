@@ -183,6 +183,50 @@ def worker_model(name: str, size, device: str, repeats: int, finetune_steps: int
     return out
 
 
+def worker_variants(name: str, size, device: str, repeats: int, compile_too: bool) -> dict:
+    """Forward median of one model in each precision (autocast) x memory layout x (optionally)
+    ``torch.compile``, after a warm-up (which for a compiled model includes its compilation,
+    reported separately as ``first_call_s``)."""
+    import torch
+
+    from napari_deepwarp.core.models.registry import create_model
+    from napari_deepwarp.core.precision import autocast
+
+    torch.manual_seed(0)
+    base = create_model(name).to(device).eval()
+    moving = torch.rand(1, 1, *size, device=device)
+    fixed = torch.rand(1, 1, *size, device=device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if str(device).startswith("cuda"):
+        dtypes["float16"] = torch.float16
+    layouts = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+    out = {}
+    for layout, fmt in layouts.items():
+        model = base.to(memory_format=fmt)
+        mov, fix = (t.contiguous(memory_format=fmt) for t in (moving, fixed))
+        runners = {"eager": model}
+        if compile_too:
+            runners["compiled"] = torch.compile(model)
+        for how, net in runners.items():
+            for precision, dtype in dtypes.items():
+                key = f"{precision} {layout} {how}"
+
+                def forward(net=net, dtype=dtype, mov=mov, fix=fix):
+                    with torch.no_grad(), autocast(device, dtype):
+                        return net(mov, fix)
+
+                try:
+                    start = time.perf_counter()
+                    forward()
+                    _sync(device)
+                    first = time.perf_counter() - start
+                    out[key] = median_time(forward, repeats, device, warmup=0)
+                    out[key]["first_call_s"] = first
+                except (RuntimeError, NotImplementedError, TypeError) as exc:  # say why
+                    out[key] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    return out
+
+
 def _old_jacobian(disp):
     """The pre-issue-6 cofactor Jacobian (temporaries allocated per product)."""
     from napari_deepwarp.core.spatial import _diff
@@ -415,6 +459,7 @@ def worker_register(pair: str, device: str, threads: int, max_size: int) -> dict
 
 WORKERS = {
     "model": worker_model,
+    "variants": worker_variants,
     "blocks": worker_blocks,
     "warp_stage": worker_warp_stage,
     "classical": worker_classical,
@@ -502,6 +547,43 @@ def markdown(report: dict) -> str:
             cells.append(_s(first.get("finetune_step")) if "skipped" not in first else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    for device, by_model in report.get("variants", {}).items():
+        keys = list(next(iter(by_model.values()), {}))
+        size = "x".join(map(str, report.get("working_size", [])))
+        lines += [
+            (
+                f"### Precision, memory layout and torch.compile on {device} (forward {size}, "
+                "seconds and speed-up over float32 contiguous eager; compiled: after compiling)"
+            ),
+            "",
+            "| model | " + " | ".join(keys) + " |",
+            "|---" + "|---:" * len(keys) + "|",
+        ]
+        for name, row in by_model.items():
+            ref = row.get("float32 contiguous eager", {}).get("median_s")
+            cells = [name]
+            for key in keys:
+                r = row.get(key, {})
+                if "median_s" not in r:
+                    cells.append(_s(r) if r else "-")
+                    continue
+                speed = f" ({ref / r['median_s']:.2f}x)" if ref and key != keys[0] else ""
+                cells.append(f"{r['median_s']:.3f}{speed}")
+            lines.append("| " + " | ".join(cells) + " |")
+        first = {
+            name: row[k]["first_call_s"]
+            for name, row in by_model.items()
+            for k in ("float32 contiguous compiled",)
+            if "first_call_s" in row.get(k, {})
+        }
+        if first:
+            lines += [
+                "",
+                "First call of the compiled model (compiling included), float32 contiguous: "
+                + ", ".join(f"{name} {s:.0f} s" for name, s in first.items())
+                + ".",
+            ]
+        lines.append("")
     for device, by_size in report["blocks"].items():
         lines += [f"### Building blocks on {device} (forward, no gradient)", ""]
         sizes = list(by_size)
@@ -548,6 +630,8 @@ def markdown(report: dict) -> str:
         ]
     elif ws:
         lines += [f"Warp stage: {_s(ws)}", ""]
+    if not report["register"] and not report["classical"]:
+        return "\n".join(lines) + "\n"
     lines += [
         f"### Registering Mindboggle {report['pair']} (fixed<-moving), files read to files written",
         "",
@@ -643,7 +727,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fewer iterations for ANTs and elastix (implied by --quick)",
     )
     parser.add_argument(
-        "--skip", default="", help="comma list of: models,blocks,warp,register,classical"
+        "--skip",
+        default="",
+        help="comma list of: models,variants,blocks,warp,register,classical",
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="variants: leave torch.compile out"
     )
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--update-readme-table", action="store_true")
@@ -666,10 +755,12 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "pair": args.pair,
         "max_size": args.max_size,
+        "working_size": list(small),
         "cpu_peak_memory": "peak resident set (VmHWM after resetting it through "
         "/proc/self/clear_refs; else ru_maxrss) minus the resident set before the first timed "
         "call, fresh subprocess per measurement",
         "models": {},
+        "variants": {},
         "blocks": {},
         "warp_stage": None,
         "register": {},
@@ -710,6 +801,21 @@ def main(argv: list[str] | None = None) -> int:
                         ratio = (big[0] * big[1] * big[2]) / (small[0] * small[1] * small[2])
                         estimate = result["forward"]["median_s"] * ratio * 1.2
                     say(f"{device} {name} {key}: {_s(result.get('forward', result))} s")
+    if "variants" not in skip:
+        for device in devices:
+            rows = report["variants"][device] = {}
+            for name in args.models.split(","):
+                rows[name] = run_worker(
+                    "variants",
+                    60 * 10,
+                    args.threads,
+                    name=name,
+                    size=list(small),
+                    device=device,
+                    repeats=args.repeats,
+                    compile_too=not args.no_compile,
+                )
+                say(f"{device} {name} variants done")
     if "blocks" not in skip:
         for device in devices:
             report["blocks"][device] = {
