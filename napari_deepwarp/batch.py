@@ -9,8 +9,9 @@ background thread while the current one runs. A bad row is reported and skipped;
 is 0 when every row succeeded, 2 otherwise.
 
 Under ``torchrun`` (environment ``RANK``/``WORLD_SIZE``) each process takes the rows ``i`` with
-``i % WORLD_SIZE == RANK`` and writes ``summary-rank<R>.csv``; rank 0 then waits for the other
-ranks' files, merges them into ``summary.csv`` and removes them (no process group is needed).
+``i % WORLD_SIZE == RANK`` on its own GPU (``LOCAL_RANK``) and writes ``summary-rank<R>.csv``;
+rank 0 then waits for the other ranks' files, merges them into ``summary.csv`` and removes them
+(no process group is needed).
 """
 
 from __future__ import annotations
@@ -123,6 +124,24 @@ def _shard() -> tuple[int, int]:
     return rank, world
 
 
+def bind_local_gpu(device: str, world: int) -> int | None:
+    """Under torchrun with several processes, make ``cuda`` mean this process's own GPU
+    (``LOCAL_RANK`` modulo the GPUs on the node), so the shards do not all share GPU 0.
+    Returns the GPU index chosen, or None when nothing was bound (one process, a CPU run,
+    no CUDA)."""
+    import torch
+
+    if world <= 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return None
+    try:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        local = 0
+    index = local % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return index
+
+
 def _row(pair: Pair, status: str, metrics: dict | None = None, seconds=None, message="") -> dict:
     m = metrics or {}
 
@@ -183,6 +202,7 @@ def run_batch(args, progress=print) -> int:
     if world > 1:
         rank_file.unlink(missing_ok=True)  # a stale file from an earlier, interrupted run
     settings, model = _settings_and_model(args)
+    gpu = bind_local_gpu(settings.device, world)
     if model is None and settings.model != AFFINE_ONLY:
         # What register() would build for every pair, built once (same seed, same weights).
         import torch
@@ -193,6 +213,8 @@ def run_batch(args, progress=print) -> int:
     expected = (InputError, CheckpointError, OSError, RuntimeError, ValueError)
     rows: list[dict] = []
     say = (lambda *a: None) if args.quiet else progress
+    if gpu is not None:
+        say(f"rank {rank}: GPU {gpu}")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepwarp-prefetch") as pool:
 
         def submit(i: int) -> Future | None:

@@ -134,3 +134,25 @@ def test_two_ranks_shard_the_rows_and_rank_0_merges(pairs_csv, tmp_path):
         assert rows[name]["status"] == "ok"
         assert (out / name / "displacement.nii.gz").exists()
     assert not list(out.glob("summary-rank*.csv"))
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    """Under torchrun on a node with GPUs, rank r runs on GPU LOCAL_RANK (mod the GPU count);
+    one process, a CPU run or no CUDA binds nothing."""
+    import torch
+
+    from napari_deepwarp.batch import bind_local_gpu
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for local, expected in (("1", 1), ("6", 2)):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert bind_local_gpu("auto", world=8) == expected
+    assert chosen == [1, 2]
+    assert bind_local_gpu("cuda", world=1) is None  # one process: the default GPU
+    assert bind_local_gpu("cpu", world=8) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bind_local_gpu("auto", world=8) is None
+    assert chosen == [1, 2]
