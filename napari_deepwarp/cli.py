@@ -531,6 +531,13 @@ def _add_train(sub) -> None:
     p.add_argument("--description", help="one line for the card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="mixed-precision forward passes (auto: bfloat16 where the device computes it "
+        "natively); weights stay float32. Default float32, so recorded commands repeat",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -591,6 +598,7 @@ def cmd_train(args) -> int:
         time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
         seed=args.seed,
         device=device,
+        precision=args.precision,
         cache=args.cache,
         command="deepwarp " + shlex.join(argv),
         working_spacing_mm=args.working_spacing,

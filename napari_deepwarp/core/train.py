@@ -50,6 +50,7 @@ from napari_deepwarp.core.datasets import (
 )
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.models.registry import RegistrationModel, create_model
+from napari_deepwarp.core.precision import autocast, precision_name, resolve_precision
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.spatial import warp
 from napari_deepwarp.core.synth import SynthSettings
@@ -77,7 +78,10 @@ class TrainSettings:
     synthetic labelled pairs, else a CSV/folder of labelled volumes; cache: folder for
     preprocessed real pairs (default: next to ``output``); grad_clip: largest gradient norm (a
     step with a non-finite loss or gradient is skipped); time_limit_s: stop (and save) after the
-    first step past this many seconds of this run, so a training fits a time budget."""
+    first step past this many seconds of this run, so a training fits a time budget;
+    precision: the forward passes' autocast precision (:mod:`precision`; ``"auto"`` is bfloat16
+    where the device computes it natively). The default stays float32 so that a recorded
+    training command gives the same run; weights and Adam are float32 in every case."""
 
     model: str | None = None
     output: str | Path = "model.pt"
@@ -105,6 +109,7 @@ class TrainSettings:
     time_limit_s: float | None = None
     seed: int = 0
     device: str = "cpu"
+    precision: str = "float32"
     cache: str | Path | None = None
     command: str | None = None
     modality: str = "any (trained on random contrasts)"
@@ -336,6 +341,9 @@ def _train(settings: TrainSettings, dist: _Distributed):
     model, parent_card = _build(settings)
     model.to(dist.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    dtype = resolve_precision(settings.precision, dist.device)
+    # float16 needs its loss scaled so that small gradients survive; a no-op otherwise.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     start, elapsed, earlier_legs = 0, 0.0, []
     val_dice = val_before = None
     if settings.resume and state_path(output).exists():
@@ -375,18 +383,21 @@ def _train(settings: TrainSettings, dist: _Distributed):
         for step in range(start + 1, settings.steps + 1):
             batch = source.batch(step, dist.rank, settings.batch_size, dist.device)
             optimiser.zero_grad(set_to_none=True)
-            output_ = net(batch["moving"], batch["fixed"])
-            loss, terms = objective(output_, batch)
-            loss.backward()
+            with autocast(dist.device, dtype):
+                output_ = net(batch["moving"], batch["fixed"])
+                loss, terms = objective(output_, batch)
+            scaler.scale(loss).backward()
             value = float(loss.detach())
             # A spike must not wreck a long run: clip the gradient norm, and skip a step whose
             # loss or gradient is not finite (every process skips it: DDP averaged the grads).
+            scaler.unscale_(optimiser)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             if math.isfinite(value) and bool(torch.isfinite(norm)):
-                optimiser.step()
+                scaler.step(optimiser)
             else:
                 skipped += 1
                 terms = {**terms, "skipped_steps": skipped}
+            scaler.update()
             out_of_time = _out_of_time(settings, t0, dist)
             last = step == settings.steps or out_of_time
             running = value if running is None else 0.95 * running + 0.05 * value
@@ -445,6 +456,7 @@ def _leg(settings, dist, first_step: int, last_step: int, seconds: float) -> dic
     return {
         "command": settings.command,
         "hardware": hardware(dist.device) + world,
+        "precision": precision_name(resolve_precision(settings.precision, dist.device)),
         "steps": [first_step + 1, last_step],
         "duration_s": round(seconds, 1),
     }
@@ -489,6 +501,7 @@ def _card(
             "grad_clip": settings.grad_clip,
             "command": settings.command,
             "hardware": legs[-1]["hardware"],
+            "precision": legs[-1]["precision"],
             "duration_s": round(seconds, 1),
         },
         "metrics": metrics,

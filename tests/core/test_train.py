@@ -98,6 +98,47 @@ def test_training_lowers_the_loss(tmp_path, one_thread):
     assert events[-1].stage == "train" and events[-1].loss is not None
 
 
+def _losses(path):
+    log = path.with_suffix(".log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["loss"] for r in map(json.loads, log) if "loss" in r]
+
+
+def test_bfloat16_training_learns_like_float32_and_is_recorded(tmp_path, one_thread):
+    """Forward passes in bfloat16: the weights stay float32, the first loss matches float32's
+    closely (but not exactly), and the loss falls as it does in float32."""
+    runs = {}
+    for name in ("float32", "bfloat16"):
+        s = settings(tmp_path, f"{name}.pt", steps=40, checkpoint_every=40, validate_every=40)
+        s.precision = name
+        _, runs[name] = run_generator(train(s))
+        runs[name].losses = _losses(tmp_path / f"{name}.pt")
+    low, full = runs["bfloat16"].losses, runs["float32"].losses
+    assert low[0] != full[0] and abs(low[0] - full[0]) < 0.01 * abs(full[0])
+    assert np.mean(low[-10:]) < np.mean(low[:10]) - 0.005
+    assert np.mean(full[-10:]) < np.mean(full[:10]) - 0.005
+    assert all(p.dtype == torch.float32 for p in runs["bfloat16"].model.parameters())
+    assert read_card(tmp_path / "bfloat16.pt")["training"]["precision"] == "bfloat16"
+    assert read_card(tmp_path / "float32.pt")["training"]["precision"] == "float32"
+
+
+def test_float16_training_goes_through_a_gradient_scaler(tmp_path, one_thread, monkeypatch):
+    """float16 (emulated, so slow, on a CPU: a small grid and few steps) scales the loss."""
+    scaled = []
+    original = torch.amp.GradScaler.scale
+    monkeypatch.setattr(
+        torch.amp.GradScaler,
+        "scale",
+        lambda self, x: scaled.append(self.is_enabled()) or original(self, x),
+    )
+    s = settings(tmp_path, "half.pt", steps=3, shape=(16, 16, 16), checkpoint_every=3)
+    s.precision = "float16"
+    _, result = run_generator(train(s))
+    assert scaled == [True] * 3
+    assert all(np.isfinite(_losses(tmp_path / "half.pt")))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert read_card(tmp_path / "half.pt")["training"]["precision"] == "float16"
+
+
 def write_volume(path, array, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing)
