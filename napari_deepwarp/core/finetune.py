@@ -86,8 +86,8 @@ def _objective(model: RegistrationModel, settings: FinetuneSettings):
         sim = similarity(warped, fixed)
         reg = regulariser(output.displacement)
         return sim + settings.reg_weight * reg, {
-            "similarity": float(sim.detach()),
-            "regularisation": float(reg.detach()),
+            "similarity": sim.detach(),
+            "regularisation": reg.detach(),
         }
 
     return loss

@@ -59,16 +59,17 @@ class Supervision:
 
     def loss(
         self, field: torch.Tensor, labels_weight: float, landmarks_weight: float
-    ) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """The weighted sum of the terms that have data and a weight > 0, and their values."""
+    ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """The weighted sum of the terms that have data and a weight > 0, and their values
+        (detached tensors: reading them would wait for the device)."""
         total: torch.Tensor | float = 0.0
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         if labels_weight > 0 and self.fixed_labels is not None:
             term = self.labels_loss(field)
-            total, terms["labels"] = total + labels_weight * term, float(term.detach())
+            total, terms["labels"] = total + labels_weight * term, term.detach()
         if landmarks_weight > 0 and self.fixed_points is not None:
             term = self.landmarks_loss(field)
-            total, terms["landmarks_mm"] = total + landmarks_weight * term, float(term.detach())
+            total, terms["landmarks_mm"] = total + landmarks_weight * term, term.detach()
         return total, terms
 
 

@@ -182,7 +182,7 @@ def _objective(model: RegistrationModel, settings: TrainSettings):
             sim = similarity(warp(moving, output.displacement), fixed)
             reg = losses.diffusion_loss(output.displacement)
             total = sim + settings.reg_weight * reg
-            terms = {"similarity": float(sim.detach()), "regularisation": float(reg.detach())}
+            terms = {"similarity": sim.detach(), "regularisation": reg.detach()}
             return total, terms
 
     def loss(output, batch):
@@ -190,11 +190,11 @@ def _objective(model: RegistrationModel, settings: TrainSettings):
         if settings.labels_weight > 0 and "fixed_labels" in batch:
             term = _labels_term(output.displacement, batch["moving_labels"], batch["fixed_labels"])
             total = total + settings.labels_weight * term
-            terms = {**terms, "labels": float(term.detach())}
+            terms = {**terms, "labels": term.detach()}
         if settings.field_weight > 0:
             term = (output.displacement - batch["field"]).square().sum(1).mean()
             total = total + settings.field_weight * term
-            terms = {**terms, "field": float(term.detach())}
+            terms = {**terms, "field": term.detach()}
         return total, terms
 
     return loss
@@ -387,12 +387,13 @@ def _train(settings: TrainSettings, dist: _Distributed):
                 output_ = net(batch["moving"], batch["fixed"])
                 loss, terms = objective(output_, batch)
             scaler.scale(loss).backward()
-            value = float(loss.detach())
             # A spike must not wreck a long run: clip the gradient norm, and skip a step whose
             # loss or gradient is not finite (every process skips it: DDP averaged the grads).
             scaler.unscale_(optimiser)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            if math.isfinite(value) and bool(torch.isfinite(norm)):
+            # The step's one read from the device: the loss and the norm together.
+            value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+            if math.isfinite(value) and math.isfinite(norm_value):
                 scaler.step(optimiser)
             else:
                 skipped += 1
@@ -403,7 +404,10 @@ def _train(settings: TrainSettings, dist: _Distributed):
             running = value if running is None else 0.95 * running + 0.05 * value
             now = elapsed + time.perf_counter() - t0
             if log and (step % settings.log_every == 0 or last):
-                log.write(json.dumps({"step": step, "loss": value, **terms, "seconds": now}) + "\n")
+                logged = {k: float(v) if torch.is_tensor(v) else v for k, v in terms.items()}
+                log.write(
+                    json.dumps({"step": step, "loss": value, **logged, "seconds": now}) + "\n"
+                )
                 log.flush()
             if dist.main and (step % settings.validate_every == 0 or last):
                 val_dice, val_before = validate(model, val_pairs, dist.device)

@@ -98,3 +98,37 @@ def test_gaussian_smooth_keeps_constants_and_mass():
     spike = torch.zeros(1, 1, 21, 21, 21)
     spike[0, 0, 10, 10, 10] = 1.0
     assert abs(float(gaussian_smooth(spike, 2.0).sum()) - 1.0) < 1e-5
+
+
+def test_a_step_reads_one_number_from_the_device(registration_pair, one_thread, monkeypatch):
+    """Inside the fine-tuning and refinement loops the only read of a tensor's value is the
+    step's loss (progress and early stop need it): on a GPU every read waits for the queue.
+    The loss terms, the supervision's included, stay tensors. (Adam's step counters are CPU
+    tensors whatever the device, so its .item() calls are not reads from the GPU.)"""
+    from napari_deepwarp.core.refine import RefineSettings, refine_field
+    from napari_deepwarp.core.supervision import Supervision
+
+    moving, fixed, moving_labels, fixed_labels, _ = registration_pair()
+    onehot = [
+        torch.nn.functional.one_hot(t[:, 0], 8).permute(0, 4, 1, 2, 3).float()
+        for t in (moving_labels, fixed_labels)
+    ]
+    supervision = Supervision(moving_labels=onehot[0], fixed_labels=onehot[1])
+    reads = []
+    for name in ("__float__", "tolist", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    model = create_model("voxelmorph", **SMALL)
+    steps = 5
+    tune = FinetuneSettings(steps=steps, level_sigmas=(), labels_weight=1.0, preview_every=0)
+    run_generator(finetune_network(model, moving, fixed, tune, supervision))
+    assert reads == ["__float__"] * steps
+    reads.clear()
+    refine = RefineSettings(steps=steps, levels=(1,), labels_weight=1.0, preview_every=0)
+    run_generator(refine_field(moving, fixed, None, refine, supervision))
+    assert reads == ["__float__"] * steps

@@ -192,9 +192,11 @@ def test_loss_is_mse_plus_l1_sums_to_identity():
     affine_sum = (a_n - torch.eye(3, 4)).abs().sum() / 2  # per item, averaged over the batch
     gradient_sum = (phi - 1).abs().sum() / 2
     torch.testing.assert_close(total, mse + 1e-3 * affine_sum + 2e-4 * gradient_sum)
-    assert terms["similarity"] == pytest.approx(float(mse.detach()), rel=1e-5)
-    assert terms["affine_regularisation"] == pytest.approx(float(affine_sum.detach()), rel=1e-5)
-    assert terms["deformable_regularisation"] == pytest.approx(
+    assert float(terms["similarity"]) == pytest.approx(float(mse.detach()), rel=1e-5)
+    assert float(terms["affine_regularisation"]) == pytest.approx(
+        float(affine_sum.detach()), rel=1e-5
+    )
+    assert float(terms["deformable_regularisation"]) == pytest.approx(
         float(gradient_sum.detach()), rel=1e-5
     )
     assert LinDef().config.alpha == LinDef().config.beta == 1e-6  # the paper's weights

@@ -36,7 +36,7 @@ def test_labels_term_is_lower_for_the_true_field(registration_pair):
     sup = Supervision(fractions(fixed_labels, full), fractions(moving_labels, full))
     assert float(sup.labels_loss(truth)) < 0.75 * float(sup.labels_loss(torch.zeros_like(truth)))
     loss, terms = sup.loss(truth, labels_weight=2.0, landmarks_weight=1.0)
-    assert set(terms) == {"labels"} and float(loss) == pytest.approx(2 * terms["labels"])
+    assert set(terms) == {"labels"} and float(loss) == pytest.approx(2 * float(terms["labels"]))
 
 
 def test_label_supervision_makes_refinement_follow_the_labels(registration_pair):

@@ -251,7 +251,7 @@ class CFWN(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Eq. 4: ``sum_i 2**-(i-1) (NLCC_{w_i} + lambda * diffusion(phi^i))``, with its terms.
 
         Terms: ``similarity`` and ``regularisation`` (the weighted sums over levels) and
@@ -287,11 +287,11 @@ class CFWN(RegistrationModel):
             regularisation = (
                 weight * reg if regularisation is None else regularisation + weight * reg
             )
-            terms[f"similarity_level{level}"] = float(sim.detach())
-            terms[f"regularisation_level{level}"] = float(reg.detach())
+            terms[f"similarity_level{level}"] = sim.detach()
+            terms[f"regularisation_level{level}"] = reg.detach()
         total = similarity + float(cfg.reg_weight) * regularisation
-        terms["similarity"] = float(similarity.detach())
-        terms["regularisation"] = float(regularisation.detach())
+        terms["similarity"] = similarity.detach()
+        terms["regularisation"] = regularisation.detach()
         return total, terms
 
     def loss_description(self) -> dict[str, Any]:

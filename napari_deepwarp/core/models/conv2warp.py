@@ -474,7 +474,7 @@ class Conv2Warp(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``D(warped, fixed) + sum D(CWS levels) + lambda * clamped L2``, with its terms."""
         cfg = self.config
         extras = output.extras
@@ -497,9 +497,9 @@ class Conv2Warp(RegistrationModel):
             )
         total = similarity + levels + float(cfg.reg_weight) * regularisation
         return total, {
-            "similarity": float(similarity.detach()),
-            "similarity_levels": float(levels.detach()),
-            "regularisation": float(regularisation.detach()),
+            "similarity": similarity.detach(),
+            "similarity_levels": levels.detach(),
+            "regularisation": regularisation.detach(),
         }
 
     def loss_description(self) -> dict[str, Any]:

@@ -230,7 +230,7 @@ class FCNMS(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``sum_k w_k (1 - NCC(M_k o u_k, F_k) + lambda * TV(u_k))`` over the three heads.
 
         Terms: ``similarity`` and ``regularisation`` (weighted sums) and ``similarity_level{k}``
@@ -264,11 +264,11 @@ class FCNMS(RegistrationModel):
             regularisation = (
                 weight * reg if regularisation is None else regularisation + weight * reg
             )
-            terms[f"similarity_level{k}"] = float(sim.detach())
-            terms[f"regularisation_level{k}"] = float(reg.detach())
+            terms[f"similarity_level{k}"] = sim.detach()
+            terms[f"regularisation_level{k}"] = reg.detach()
         total = similarity + float(cfg.reg_weight) * regularisation
-        terms["similarity"] = float(similarity.detach())
-        terms["regularisation"] = float(regularisation.detach())
+        terms["similarity"] = similarity.detach()
+        terms["regularisation"] = regularisation.detach()
         return total, terms
 
     def loss_description(self) -> dict[str, Any]:

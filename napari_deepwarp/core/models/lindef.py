@@ -295,7 +295,7 @@ class LinDef(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``MSE + alpha * sum|A - I| + beta * sum|Phi - 1|`` (Eq. 4), with its terms."""
         cfg = self.config
         warped = output.extras.get("warped")
@@ -306,13 +306,13 @@ class LinDef(RegistrationModel):
         # l1_to_identity_loss is a mean over every entry; times the entries per item = sum.
         deformable_reg = losses.l1_to_identity_loss(phi - 1.0) * phi[0].numel()
         total = similarity + float(cfg.beta) * deformable_reg
-        terms = {"similarity": float(similarity.detach())}
+        terms = {"similarity": similarity.detach()}
         affine_n = output.extras.get("affine_normalized")
         if affine_n is not None:
             affine_reg = losses.affine_l1_to_identity_loss(affine_n) * 12
             total = total + float(cfg.alpha) * affine_reg
-            terms["affine_regularisation"] = float(affine_reg.detach())
-        terms["deformable_regularisation"] = float(deformable_reg.detach())
+            terms["affine_regularisation"] = affine_reg.detach()
+        terms["deformable_regularisation"] = deformable_reg.detach()
         return total, terms
 
     def loss_description(self) -> dict[str, Any]:

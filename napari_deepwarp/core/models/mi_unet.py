@@ -129,7 +129,7 @@ class MIUNet(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``-MI(warped, fixed) + reg_weight * diffusion(u)`` (Eqs. 2, 7, 8), with its terms."""
         cfg = self.config
         warped = output.extras.get("warped")
@@ -145,8 +145,8 @@ class MIUNet(RegistrationModel):
         regularisation = losses.diffusion_loss(output.displacement)
         total = similarity + float(cfg.reg_weight) * regularisation
         return total, {
-            "similarity": float(similarity.detach()),
-            "regularisation": float(regularisation.detach()),
+            "similarity": similarity.detach(),
+            "regularisation": regularisation.detach(),
         }
 
     def loss_description(self) -> dict[str, Any]:

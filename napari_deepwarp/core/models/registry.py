@@ -88,8 +88,11 @@ class RegistrationModel(nn.Module):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The paper's training loss: ``(scalar tensor, {term name: float value})``."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The paper's training loss: ``(scalar tensor, {term name: detached 0-d tensor})``.
+
+        Terms stay tensors so that a training or fine-tuning step never waits for the GPU to
+        report them; ``float()`` a term where it is logged."""
         raise NotImplementedError
 
     def config_dict(self) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class VoxelMorph(RegistrationModel):
 
     def loss(
         self, output: RegistrationOutput, moving: torch.Tensor, fixed: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``similarity(warped, fixed) + reg_weight * diffusion(u or v)``, with its terms."""
         warped = output.extras.get("warped")
         if warped is None:
@@ -149,8 +149,8 @@ class VoxelMorph(RegistrationModel):
         regularisation = losses.diffusion_loss(regularised)
         total = similarity + float(self.config.reg_weight) * regularisation
         return total, {
-            "similarity": float(similarity.detach()),
-            "regularisation": float(regularisation.detach()),
+            "similarity": similarity.detach(),
+            "regularisation": regularisation.detach(),
         }
 
     def loss_description(self) -> dict[str, Any]:
