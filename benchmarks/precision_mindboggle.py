@@ -55,19 +55,21 @@ def run(fixed: int, moving: int, extra: list[str], out: Path) -> dict:
 
 
 def compare(fixed: int, moving: int, extra: list[str], low: str) -> dict:
-    """float32 and ``low`` precision on one pair, with ``extra`` register options."""
+    """float32 and ``low`` precision on one pair, with ``extra`` register options.
+    ``low = "float32 again"`` repeats float32: how far two float32 runs differ."""
     brain = sitk.GetArrayFromImage(sitk.ReadImage(_path(fixed, "labels"))) > 0
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in ("float32", low):
-            out = Path(tmp) / precision
-            runs[precision] = run(fixed, moving, [*extra, "--precision", precision], out)
+        for name, precision in (("float32", "float32"), (low, low)):
+            out = Path(tmp) / str(len(runs))
+            flag = precision.split()[0]
+            runs[name] = run(fixed, moving, [*extra, "--precision", flag], out)
     diff = np.linalg.norm(runs[low]["field"] - runs["float32"]["field"], axis=-1)[brain]
     row = {"pair": f"{fixed}<-{moving}"}
-    for precision, r in runs.items():
+    for name, r in runs.items():
         m = r["metrics"]
-        assert m["precision"] == precision, m["precision"]
-        row[precision] = {
+        assert m["precision"] == name.split()[0], m["precision"]
+        row[name] = {
             "dice": m["mean_dice_after"],
             "folding_percent": m["folding_percent"],
             "wall_s": r["wall_s"],
@@ -146,7 +148,12 @@ def main() -> None:
         "--finetune-checkpoints", nargs="*", help="checkpoints to fine-tune (default: default)"
     )
     parser.add_argument("--checkpoints", nargs="*", help="checkpoint files (default: shipped)")
-    parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument(
+        "--precision",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32 again"],
+        help="the precision compared with float32 ('float32 again': run-to-run differences)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench_out/precision_mindboggle")
     args = parser.parse_args()
@@ -162,7 +169,7 @@ def main() -> None:
     ]
     entries = []
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: the process's first run is slower
-        first = parse_pairs(args.pairs)[0]
+        first = (parse_pairs(args.pairs) or parse_pairs(args.finetune_pairs))[0]
         run(*first, ["--checkpoint", str(checkpoints[0]), "--device", args.device], Path(tmp))
     for checkpoint, variant, extra, pairs in jobs:
         if not pairs:
@@ -179,8 +186,8 @@ def main() -> None:
         print(entry["checkpoint"], variant, json.dumps(entry["summary"]), flush=True)
     report = {
         "command": "python -m benchmarks.precision_mindboggle "
-        + f"--pairs {args.pairs} --finetune-pairs '{args.finetune_pairs}' "
-        + f"--finetune-steps {args.finetune_steps} --precision {args.precision}",
+        + f"--pairs '{args.pairs}' --finetune-pairs '{args.finetune_pairs}' "
+        + f"--finetune-steps {args.finetune_steps} --precision '{args.precision}'",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
         "precision": args.precision,
