@@ -161,7 +161,8 @@ def _add_method_options(p) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="the network's compute precision (auto: bfloat16 where the device computes it "
-        "natively, such as recent GPUs and CPUs with AVX512-BF16 or AMX; else float32)",
+        "natively, such as recent GPUs and CPUs with AVX512-BF16 or AMX; else float32). "
+        "float16 is for GPUs: most CPUs emulate it, many times slower than float32",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -536,7 +537,8 @@ def _add_train(sub) -> None:
         default="float32",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="mixed-precision forward passes (auto: bfloat16 where the device computes it "
-        "natively); weights stay float32. Default float32, so recorded commands repeat",
+        "natively; float16 is for GPUs, most CPUs emulate it slowly); weights stay float32. "
+        "Default float32, so recorded commands repeat",
     )
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -160,7 +160,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.precision.addItems(list(PRECISIONS))
         self.precision.setToolTip(
             "the network's compute precision; auto: bfloat16 where the device computes it "
-            "natively (recent GPUs, CPUs with AVX512-BF16 or AMX), else float32"
+            "natively (recent GPUs, CPUs with AVX512-BF16 or AMX), else float32; float16 is "
+            "for GPUs (most CPUs emulate it, many times slower)"
         )
         self.affine = QCheckBox("affine pre-alignment")
         self.affine.setChecked(True)
