@@ -21,15 +21,8 @@ from pathlib import Path
 
 import torch
 
+from napari_deepwarp.cli import drain
 from napari_deepwarp.core.train import TrainSettings, train
-
-
-def drain(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
 
 
 def run(model: str, steps: int, shape, precision: str, folder: Path) -> dict:
@@ -48,7 +41,7 @@ def run(model: str, steps: int, shape, precision: str, folder: Path) -> dict:
         command="benchmarks.precision_training",
     )
     start = time.perf_counter()
-    drain(train(settings))
+    drain(train(settings), True)
     seconds = time.perf_counter() - start
     log = output.with_suffix(".log.jsonl").read_text(encoding="utf-8").splitlines()
     losses = [r["loss"] for r in map(json.loads, log) if "loss" in r]
