@@ -6,7 +6,8 @@ after it (the warp at full resolution, the Jacobian, the metrics, field refineme
 float32. Losses take reduced-precision inputs in float32 (see :mod:`losses`).
 
 ``"auto"`` picks bfloat16 where the hardware computes it natively and float32 elsewhere:
-- on CUDA: GPUs that support bfloat16 (``torch.cuda.is_bf16_supported()``, Ampere and later);
+- on CUDA: GPUs that compute bfloat16 natively (Ampere and later; not the emulation that
+  ``torch.cuda.is_bf16_supported()`` also counts by default);
 - on the CPU: processors with AVX512-BF16 or AMX. Elsewhere oneDNN emulates bfloat16, which
   is slower than float32.
 
@@ -33,7 +34,8 @@ def native_bfloat16(device: torch.device | str) -> bool:
     """True where ``device`` computes bfloat16 in hardware (see the module docstring)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # including_emulation=False: GPUs before Ampere emulate bfloat16, slower than float32.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if kind == "cpu":
         cpu = torch.cpu
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -25,10 +25,16 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, n
     assert precision.resolve_precision("bfloat16", "cpu") == torch.bfloat16
 
 
-def test_auto_on_cuda_follows_bfloat16_support(monkeypatch):
+def test_auto_on_cuda_follows_native_bfloat16_support(monkeypatch):
+    """An emulated bfloat16 (GPUs before Ampere) is slower than float32: auto stays float32."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+    gpus = {
+        "ampere": (lambda including_emulation=True: True, torch.bfloat16),
+        "turing": (lambda including_emulation=True: including_emulation, torch.float32),
+        "none": (lambda including_emulation=True: False, torch.float32),
+    }
+    for supported, expected in gpus.values():
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
         assert precision.resolve_precision("auto", "cuda") == expected
     assert precision.resolve_precision("auto", "mps") == torch.float32
 
