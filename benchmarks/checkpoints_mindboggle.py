@@ -17,14 +17,10 @@ Writes JSON and a Markdown table to ``--out``. Needs ../shared/data/mindboggle (
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
-import torch
-
+from benchmarks import report as report_io
 from benchmarks.register_mindboggle import DATA, run_pair
 from napari_deepwarp.core.checkpoint import read_card, shipped_checkpoints
 
@@ -146,17 +142,11 @@ def main() -> None:
         + f"--finetune-pairs '{args.finetune_pairs}' --finetune-steps '{args.finetune_steps}'"
         + (f" --max-size {args.max_size}" if args.max_size else "")
         + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else ""),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "machine": report_io.machine(args.device),
         "max_size": args.max_size,
         "checkpoints": entries,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    table = markdown(report)
-    text = f"`{report['command']}`\n\n{report['machine']}\n\n{table}\n"
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    text = report_io.write(args.out, report, markdown(report))
     print(text)
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from benchmarks import report as report_io
 from benchmarks.checkpoints_mindboggle import parse_pairs
 from benchmarks.register_mindboggle import DATA
 from napari_deepwarp.cli import main as deepwarp
@@ -188,16 +186,11 @@ def main() -> None:
         "command": "python -m benchmarks.precision_mindboggle "
         + f"--pairs '{args.pairs}' --finetune-pairs '{args.finetune_pairs}' "
         + f"--finetune-steps {args.finetune_steps} --precision '{args.precision}'",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "machine": report_io.machine(args.device),
         "precision": args.precision,
         "entries": entries,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    text = f"`{report['command']}`\n\n{report['machine']}\n\n{markdown(report)}\n"
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    text = report_io.write(args.out, report, markdown(report))
     print(text)
 
 

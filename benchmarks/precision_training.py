@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import report as report_io
 from napari_deepwarp.cli import drain
 from napari_deepwarp.core.train import TrainSettings, train
 
@@ -84,16 +83,8 @@ def main() -> None:
         f"python -m benchmarks.precision_training --models {args.models} --shape "
         f"{' '.join(map(str, args.shape))} --precisions {args.precisions} --threads {args.threads}"
     )
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads"
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": command, "machine": machine, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    text = f"`{command}`\n\n{machine}\n\n" + "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(text, encoding="utf-8")
+    report = {"command": command, "machine": report_io.machine(threads=args.threads), "rows": rows}
+    text = report_io.write(args.out, report, "\n".join(lines))
     print(text)
 
 

@@ -156,14 +156,7 @@ def _add_method_options(p) -> None:
         "(needs --fixed-labels and --moving-labels)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="the network's compute precision (auto: bfloat16 where the device computes it "
-        "natively, such as recent GPUs and CPUs with AVX512-BF16 or AMX; else float32). "
-        "float16 is for GPUs: most CPUs emulate it, many times slower than float32",
-    )
+    _add_precision(p, "auto", "the network's compute precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--modality",
@@ -186,6 +179,18 @@ def _add_method_options(p) -> None:
         "checkpoint's training size, or 96 with --refine or without a checkpoint)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_precision(p, default: str, what: str) -> None:
+    """``--precision`` for register (default auto) and train (default float32)."""
+    p.add_argument(
+        "--precision",
+        default=default,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help=f"{what}. auto: bfloat16 where the device computes it natively (recent GPUs, CPUs "
+        "with AVX512-BF16 or AMX), else float32. float16 is for GPUs: most CPUs emulate it, "
+        "many times slower than float32",
+    )
 
 
 def _settings_and_model(args):
@@ -532,13 +537,11 @@ def _add_train(sub) -> None:
     p.add_argument("--description", help="one line for the card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument(
-        "--precision",
-        default="float32",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="mixed-precision forward passes (auto: bfloat16 where the device computes it "
-        "natively; float16 is for GPUs, most CPUs emulate it slowly); weights stay float32. "
-        "Default float32, so recorded commands repeat",
+    _add_precision(
+        p,
+        "float32",
+        "mixed-precision forward passes, weights staying float32 (default float32, "
+        "so that recorded commands repeat)",
     )
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
