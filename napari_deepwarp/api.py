@@ -52,9 +52,11 @@ def register(
     """Register ``moving`` onto ``fixed``; returns a :class:`~core.pipeline.RegistrationResult`.
 
     ``model``: a registry name (with its shipped checkpoint where there is one, else
-    untrained), ``"affine"``, a checkpoint path, a model instance, or None for the best shipped
-    checkpoint (as ``deepwarp register`` does; the working grid then defaults to the checkpoint's
-    training size unless refining).
+    untrained), ``"affine"``, a checkpoint path, a model instance, or None / ``"auto"`` for the
+    shipped checkpoint that fits the pair's modality (as ``deepwarp register`` does; the working
+    grid then defaults to the checkpoint's size unless refining). The result's ``verdict`` says
+    whether it improved on the affine stage; where it made the pair worse, the result is the
+    affine stage's unless ``if_worse="keep"`` is passed (see ``RegistrationSettings``).
     ``finetune_steps`` / ``refine_steps``: network fine-tuning / field refinement (0: off).
     ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, (x, y, z) mm, or
     landmark files (CSV, Slicer .fcsv): TRE is reported.
@@ -70,13 +72,16 @@ def register(
     network, card = None, None
     if isinstance(model, RegistrationModel):
         network, name = model, model.name
+    elif model in (None, "auto"):
+        name = "auto"
+        settings.setdefault("max_size", None)  # the checkpoint chosen for the pair says
     else:
         path = model if model and str(model).endswith(".pt") else None
         if path is None and model != "affine":
             path = default_checkpoint(model)
         if path is not None:
             network, card = load_checkpoint(path)
-        name = network.name if network is not None else (model or "voxelmorph")
+        name = network.name if network is not None else model
     settings.setdefault("max_size", working_size(card, refining=refine_steps > 0))
     config = RegistrationSettings(
         model=name,

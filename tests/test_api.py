@@ -15,6 +15,7 @@ def test_register_from_paths_with_landmarks_and_progress(tmp_path, monkeypatch):
     result = napari_deepwarp.register(
         paths["fixed"],
         paths["moving"],
+        "voxelmorph",
         fixed_labels=paths["fixed_labels"],
         moving_labels=paths["moving_labels"],
         refine_steps=5,
@@ -25,6 +26,11 @@ def test_register_from_paths_with_landmarks_and_progress(tmp_path, monkeypatch):
         max_size=24,
     )
     assert result.metrics["model"] == "voxelmorph"  # untrained, as nothing is shipped here
+    # the default, "auto", finds no shipped checkpoint here: the affine stage alone, and it says so
+    alone = napari_deepwarp.register(paths["fixed"], paths["moving"], device="cpu")
+    assert (
+        alone.metrics["model"] == "affine" and "affine stage alone" in alone.metrics["auto"]["line"]
+    )
     assert result.metrics["mean_dice_after"] > result.metrics["mean_dice_before"]
     assert result.metrics["tre_before_mm"] == 0.0
     assert result.warped.grid.same_as(result.fixed.grid)

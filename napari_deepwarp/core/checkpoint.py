@@ -335,7 +335,34 @@ def _load_failure(exc: Exception) -> str:
         if line.strip() and not line.strip().startswith("Check the documentation")
     ]
     reason = lines[0] if lines else type(exc).__name__
-    return reason.split(" Please use ", 1)[0].rstrip(".")
+    reason = reason.split(" Please use ", 1)[0].rstrip(".")
+    # never pass on torch's advice to reload with weights_only=False (it runs the file's code)
+    return "unreadable" if "weights_only" in reason else reason
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """One line for a file that torch cannot load weights-only: code (pickled objects), a plain
+    pickle, or not a torch file at all. Names the file and the fix, and never repeats torch's
+    advice to load with ``weights_only=False``."""
+    reason = _load_failure(exc)
+    fix = (
+        "napari-deepwarp loads weights-only checkpoints: save one with napari_deepwarp's "
+        "save_checkpoint (a state dict and its card) or `deepwarp train`"
+    )
+    found = re.search(r"GLOBAL ([\w.]+)", reason)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if found:
+        return (
+            f"{path}: not a napari-deepwarp checkpoint: it holds Python objects (code, e.g. "
+            f"{found.group(1)}), not only weights; {fix}"
+        )
+    if magic[:1] == b"\x80" and magic[:4] != b"PK\x03\x04":
+        return (
+            f"{path}: not a napari-deepwarp checkpoint: a plain Python pickle, which can hold "
+            f"code, not a weights-only torch file; {fix}"
+        )
+    return f"{path}: not a napari-deepwarp checkpoint (not a torch file: {reason}); {fix}"
 
 
 def _load_payload(path: PathLike, mmap: bool) -> dict[str, Any]:
@@ -353,10 +380,7 @@ def _load_payload(path: PathLike, mmap: bool) -> dict[str, Any]:
                 # Files in torch's legacy (non-zip) format cannot be memory-mapped.
                 payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means "not a checkpoint"
-        raise CheckpointError(
-            f"{path}: not a napari-deepwarp checkpoint (torch.load(weights_only=True) cannot "
-            f"read it: {_load_failure(exc)})"
-        ) from None
+        raise CheckpointError(_refusal(path, exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
@@ -457,23 +481,31 @@ def config_changes(card: dict[str, Any]) -> str | None:
 
 
 def default_checkpoint(
-    architecture: str | None = None, folder: PathLike | None = None
+    architecture: str | None = None,
+    folder: PathLike | None = None,
+    multimodal: bool | None = None,
 ) -> Path | None:
     """The shipped checkpoint to use when the user names none.
 
     With ``architecture``: its checkpoint whose card says ``"default": true``, else its first.
     Without: the card marked default across all architectures (the best measured one), else
-    None. None also when nothing is shipped.
+    None. ``multimodal``: only architectures that are (True) or are not (False) multi-modal
+    (``RegistrationModel.multimodal``); for two modalities the one marked default among them,
+    else the first. None also when nothing is shipped or nothing fits.
     """
+    models = available_models()
     candidates = [
         (path, card)
         for path, card in shipped_checkpoints(folder)
-        if architecture is None or card["architecture"] == architecture
+        if (architecture is None or card["architecture"] == architecture)
+        and card["architecture"] in models
+        and (multimodal is None or models[card["architecture"]].multimodal == multimodal)
     ]
     for path, card in candidates:
         if card.get("default"):
             return path
-    return candidates[0][0] if candidates and architecture is not None else None
+    first = candidates[0][0] if candidates else None
+    return first if architecture is not None or multimodal else None
 
 
 def _config_summary(cls: type[RegistrationModel], config: Any) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "diffusion_loss",
     "l1_to_identity_loss",
     "local_ncc_loss",
+    "local_ncc_map",
     "mse_loss",
     "mutual_information_loss",
     "ncc_loss",
@@ -142,16 +143,15 @@ def _box_mean(x: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
     return _BoxMean.apply(x.contiguous(), window)
 
 
-def local_ncc_loss(
+def local_ncc_map(
     a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 9, eps: float = 1e-5
 ) -> torch.Tensor:
-    """``1 - mean local squared NCC`` over cubic windows (VoxelMorph's LNCC, shifted by 1).
+    """Local squared NCC per voxel, ``(B, C, D, H, W)`` in ``[0, 1]`` (VoxelMorph's LNCC).
 
     ``window``: odd side length in voxels, or a ``(d, h, w)`` tuple of odd ints. Per voxel
     ``cc = cov**2 / (var_a * var_b)`` of the window (cut at the volume edges), with each local
     variance clamped to ``>= eps`` (intensity units squared) so flat regions give ``cc = 0``
     rather than NaN. Box sums are separable cumulative-sum differences in at least float32.
-    In ``[0, 1]``.
     """
     _check_pair(a, b)
     win = _window3(window)
@@ -165,8 +165,15 @@ def local_ncc_loss(
     cross = m_ab - m_a * m_b
     var_a = torch.clamp(m_aa - m_a * m_a, min=eps)
     var_b = torch.clamp(m_bb - m_b * m_b, min=eps)
-    cc = cross * cross / (var_a * var_b)
-    return 1.0 - cc.mean()
+    return cross * cross / (var_a * var_b)
+
+
+def local_ncc_loss(
+    a: torch.Tensor, b: torch.Tensor, window: int | Sequence[int] = 9, eps: float = 1e-5
+) -> torch.Tensor:
+    """``1 - mean local squared NCC`` over cubic windows (see :func:`local_ncc_map`), in
+    ``[0, 1]``."""
+    return 1.0 - local_ncc_map(a, b, window, eps).mean()
 
 
 def mutual_information_loss(

@@ -22,6 +22,8 @@ __all__ = [
     "hd95_per_label",
     "intensity_similarity",
     "jaccard_per_label",
+    "jacobian_percentiles",
+    "local_ncc",
     "mean_dice",
     "mutual_information",
     "ncc",
@@ -299,6 +301,17 @@ def sdlogj(jac_det, mask=None, clip: float = 1e-9) -> float:
     return float(torch.log(torch.clamp(v, min=clip)).std(unbiased=False))
 
 
+def jacobian_percentiles(jac_det, mask=None, q: Sequence[float] = (1.0, 99.0)) -> list[float]:
+    """Percentiles ``q`` (in [0, 100]) of the Jacobian determinant (inside ``mask`` if given),
+    e.g. the 1st and 99th: how much the field compresses and stretches. NaN when empty."""
+    v = _masked(jac_det, mask)
+    if v.numel() == 0:
+        return [math.nan for _ in q]
+    if v.numel() > 4_000_000:  # torch.quantile's limit is 16M; a strided subsample is plenty
+        v = v[:: v.numel() // 2_000_000 + 1]
+    return [float(x) for x in torch.quantile(v.float(), torch.tensor([p / 100 for p in q]))]
+
+
 # --------------------------------------------------------------------------------------------
 # Landmarks
 # --------------------------------------------------------------------------------------------
@@ -359,6 +372,18 @@ def ncc(a, b) -> float:
     """
     ta, tb = _pair(a, b)
     return _ncc_centred(*_centred(ta), *_centred(tb))
+
+
+def local_ncc(a, b, window: int = 9, mask=None) -> float:
+    """Mean local squared NCC of two images ``(z, y, x)`` over ``window``-voxel cubes (the
+    similarity VoxelMorph-style networks optimise), averaged inside ``mask`` (bool, same shape)
+    if given; in ``[0, 1]``, NaN when the mask is empty. See :func:`losses.local_ncc_map`."""
+    from napari_deepwarp.core.losses import local_ncc_map
+
+    ta, tb = _pair(a, b)
+    cc = local_ncc_map(ta[None, None].float(), tb[None, None].float(), window)[0, 0]
+    v = _masked(cc, mask)
+    return float(v.mean()) if v.numel() else math.nan
 
 
 def _bin_index(t: torch.Tensor, bins: int) -> torch.Tensor:

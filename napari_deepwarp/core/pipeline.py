@@ -13,15 +13,17 @@ The moving image and labels are sampled once, at full resolution on the fixed gr
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from napari_deepwarp.core import metrics as M
+from napari_deepwarp.core import verdict as V
 from napari_deepwarp.core.affine import AffineSettings, align_affine, label_driven
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match, check_overlap
@@ -30,6 +32,7 @@ from napari_deepwarp.core.precision import autocast, precision_name, resolve_pre
 from napari_deepwarp.core.preprocess import (
     IntensityPreset,
     apply_window,
+    detect_modality,
     intensity_window,
     network_input,
     resample,
@@ -42,6 +45,10 @@ from napari_deepwarp.core.supervision import check_landmarks, supervision_on_gri
 from napari_deepwarp.core.volume import Grid, Volume
 
 AFFINE_ONLY = "affine"
+#: ``model`` that picks the shipped checkpoint for the pair's modality (see :func:`_auto_model`)
+AUTO = "auto"
+#: what to hand back when the deformable stage is worse than its baseline (the affine stage)
+IF_WORSE = ("keep", "affine", "fail")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -65,9 +72,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class RegistrationSettings:
-    """model: registry name or ``"affine"`` (the affine stage alone); affine: run the affine stage;
-    working_spacing: mm (None: chosen from the image, see ``working_grid``); max_size: largest
-    working-grid side when the spacing is chosen; finetune: instance optimisation (steps=0: off);
+    """model: registry name, ``"affine"`` (the affine stage alone) or ``"auto"`` (the shipped
+    checkpoint for the pair's modality, see :func:`_auto_model`); if_worse: what to hand back when
+    the verdict is "worse than affine", ``"affine"`` (the affine stage's result), ``"keep"``
+    (the deformable one) or ``"fail"`` (raise :class:`WorseThanBaseline`); affine: run the affine
+    stage; working_spacing: mm (None: chosen from the image, see ``working_grid``); max_size:
+    largest working-grid side when the spacing is chosen (None: the auto checkpoint's size, else
+    96); finetune: instance optimisation (steps=0: off);
     refine: optimise the field itself after the network (steps=0: off); affine_from: what the
     affine stage aligns, ``"images"`` (mutual information) or ``"labels"`` (the two label maps,
     see :func:`affine.label_driven`; both must be given); precision: the network's compute
@@ -75,6 +86,7 @@ class RegistrationSettings:
     ``"float32"``, ``"bfloat16"`` or ``"float16"`` (see :mod:`precision`)."""
 
     model: str = "voxelmorph"
+    if_worse: str = "affine"
     affine: bool = True
     affine_from: str = "images"
     device: str = "auto"
@@ -82,7 +94,7 @@ class RegistrationSettings:
     seed: int = 0
     modality: str = "auto"
     working_spacing: float | None = None
-    max_size: int = 96
+    max_size: int | None = 96
     affine_settings: AffineSettings = field(default_factory=AffineSettings)
     finetune: FinetuneSettings = field(default_factory=lambda: FinetuneSettings(steps=0))
     refine: RefineSettings = field(default_factory=lambda: RefineSettings(steps=0))
@@ -110,6 +122,10 @@ class RegistrationResult:
     working_grid: Grid | None = None
     working_field: torch.Tensor | None = None
     model: RegistrationModel | None = None
+    verdict: V.Verdict | None = None
+    #: the deformable ``(working grid, field)`` that the guard set aside (see :func:`alternative`)
+    rejected: tuple | None = None
+    context: _Run | None = field(default=None, repr=False)
 
 
 def _matrix(transform: sitk.AffineTransform | None) -> np.ndarray:
@@ -317,6 +333,48 @@ def _identity_warp(vol: Volume, fixed: Grid, labels: bool) -> Volume:
     return resample(vol, fixed, None, "nearest" if labels else "linear")
 
 
+class WorseThanBaseline(RuntimeError):
+    """``if_worse="fail"`` and the deformable stage made the pair worse (message: the verdict)."""
+
+
+@dataclass
+class _Run:
+    """What the stages of one :func:`register` call share (inputs, choices, measurements)."""
+
+    fixed: Volume
+    moving: Volume
+    settings: RegistrationSettings
+    fixed_labels: Volume | None
+    moving_labels: Volume | None
+    fixed_landmarks: np.ndarray | None
+    moving_landmarks: np.ndarray | None
+    device: torch.device
+    dtype: torch.dtype
+    fixed_window: tuple[float, float]
+    moving_window: tuple[float, float]
+    seconds: dict
+    t0: float
+    affine: sitk.AffineTransform | None = None
+    check: _QualityCheck | None = None
+    auto: dict | None = None
+    refine_used: RefineSettings | None = None
+    stage: str = "the network"
+
+
+@dataclass
+class _QualityCheck:
+    """The verdict's strided grid (see :mod:`verdict`), the fixed foreground on it, and the
+    similarity of the unregistered pair and after the affine stage, measured once per run."""
+
+    stride: int
+    grid: Grid
+    fixed_n: np.ndarray
+    mask: np.ndarray
+    modality: V.Modality
+    before: float
+    baseline: float
+
+
 def register(
     fixed: Volume,
     moving: Volume,
@@ -329,7 +387,14 @@ def register(
 ) -> Generator[Progress, None, RegistrationResult]:
     """Register ``moving`` to ``fixed``; yields :class:`Progress`, returns a result.
 
-    ``model``: a loaded network (e.g. from a checkpoint); None builds ``settings.model`` untrained.
+    The stages: inputs checked; the affine stage; the pair's modality and the baseline
+    similarity (:mod:`verdict`); with ``settings.model == "auto"`` the shipped checkpoint for
+    that modality; the network, fine-tuning, refinement; one full-resolution warp; metrics and
+    the verdict; where the verdict is "worse than affine" and ``settings.if_worse`` is
+    ``"affine"``, the affine stage's result instead (``"fail"``: :class:`WorseThanBaseline`).
+
+    ``model``: a loaded network (e.g. from a checkpoint); None builds ``settings.model`` untrained
+    (or, for ``"auto"``, loads the shipped checkpoint chosen for the pair).
     ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, physical
     (x, y, z) mm; they give the TRE metrics and, with a weight, supervise fine-tuning/refinement
     (as label maps do with ``labels_weight``). While fine-tuning or refining, every few steps an
@@ -337,8 +402,54 @@ def register(
     current field, a :class:`Volume` on the working grid.
     Closing the generator cancels at the next step; nothing is changed on the inputs.
     """
-    settings = settings or RegistrationSettings()
-    seconds: dict[str, float] = {}
+    # A copy: "auto" fills in the model it chose, and the caller may reuse its settings.
+    run = _prepare(
+        fixed, moving, replace(settings or RegistrationSettings()), fixed_labels, moving_labels,
+        fixed_landmarks, moving_landmarks,
+    )  # fmt: skip
+    yield from _affine_stage(run)
+    run.check = _quality_check(run)
+    if run.settings.model == AUTO and model is None:
+        model = _auto_model(run)
+    grid, field_w, model = yield from _network_stage(run, model)
+    result = yield from _finish(run, grid, field_w, model)
+    verdict = result.verdict
+    if verdict is None or not verdict.worse or run.settings.if_worse == "keep":
+        return result
+    if run.settings.if_worse == "fail":
+        raise WorseThanBaseline(verdict.line())
+    # Hand back the simpler stage's result; the network's stays one call away (alternative()).
+    fallback = yield from _finish(run, None, None, model, judged=verdict)
+    fallback.rejected = (grid, field_w)
+    return fallback
+
+
+def alternative(result: RegistrationResult) -> Generator[Progress, None, RegistrationResult]:
+    """The other result of the same run: the deformable one that the guard set aside
+    (``result.rejected``), or the affine stage's where the deformable one was handed back.
+    Same verdict, with ``returned`` saying which one this is."""
+    run = result.context
+    if run is None or result.verdict is None:
+        raise ValueError("this result has no other stage to switch to")
+    if result.rejected is not None:
+        grid, field_w = result.rejected
+        other = yield from _finish(run, grid, field_w, result.model)
+        other.verdict.returned, other.verdict.if_worse = "result", "keep"
+        other.metrics["verdict"] = other.verdict.as_dict()
+        return other
+    if result.working_field is None:
+        raise ValueError("this result is already the simpler stage's")
+    other = yield from _finish(run, None, None, result.model, judged=result.verdict)
+    other.rejected = (result.working_grid, result.working_field)
+    other.verdict.if_worse = "user's choice"
+    other.metrics["verdict"] = other.verdict.as_dict()
+    return other
+
+
+def _prepare(
+    fixed, moving, settings, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks
+) -> _Run:
+    """Check the inputs (one clear error each) and fix the device, precision and windows."""
     t0 = time.perf_counter()
     check_image(fixed, "fixed")
     check_image(moving, "moving")
@@ -349,159 +460,322 @@ def register(
     check_overlap(fixed, moving)
     if fixed_landmarks is not None or moving_landmarks is not None:
         fixed_landmarks, moving_landmarks = check_landmarks(fixed_landmarks, moving_landmarks)
+    if settings.if_worse not in IF_WORSE:
+        raise InputError(f"if_worse must be one of {IF_WORSE}, not {settings.if_worse!r}")
     device = resolve_device(settings.device)
     dtype = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
-    deformable = settings.model != AFFINE_ONLY
-    if deformable and model is None:
-        model = create_model(settings.model)
     preset = IntensityPreset(settings.modality)
-    fixed_window = intensity_window(fixed.array, preset)
-    moving_window = intensity_window(moving.array, preset)
-    seconds["preprocess"] = time.perf_counter() - t0
+    return _Run(
+        fixed, moving, settings, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks,
+        device, dtype, intensity_window(fixed.array, preset), intensity_window(moving.array, preset),
+        {"preprocess": time.perf_counter() - t0}, t0,
+    )  # fmt: skip
 
-    affine = None
-    if settings.affine or not deformable:
-        t = time.perf_counter()
-        pair = (fixed, moving, settings.affine_settings)
-        if settings.affine_from == "labels":
-            if fixed_labels is None or moving_labels is None:
-                raise InputError(
-                    "an affine stage from labels needs label maps on both sides; add "
-                    "--fixed-labels and --moving-labels, or align from the images"
-                )
-            pair = label_driven(fixed_labels, moving_labels, settings.affine_settings)
-        elif settings.affine_from != "images":
+
+def _affine_stage(run: _Run) -> Generator[Progress, None, None]:
+    """Rigid then affine (images or label maps); sets ``run.affine`` (None when skipped)."""
+    settings = run.settings
+    if not settings.affine and settings.model != AFFINE_ONLY:
+        return
+    t = time.perf_counter()
+    pair = (run.fixed, run.moving, settings.affine_settings)
+    if settings.affine_from == "labels":
+        if run.fixed_labels is None or run.moving_labels is None:
             raise InputError(
-                f"affine_from must be 'images' or 'labels', not {settings.affine_from!r}"
+                "an affine stage from labels needs label maps on both sides; add "
+                "--fixed-labels and --moving-labels, or align from the images"
             )
-        try:
-            affine_result = yield from align_affine(*pair)
-        except RuntimeError as exc:
-            reason = next((ln for ln in str(exc).splitlines() if "ITK ERROR" in ln), str(exc))
-            reason = reason.split(": ", 2)[-1].strip()[:160]
-            raise InputError(
-                f"{moving.name or 'moving'}: the affine stage failed ({reason}); check that the "
-                "images show the same anatomy and that their headers (origin, direction) are "
-                "right, or skip the stage with --no-affine"
-            ) from None
-        affine = affine_result.transform
-        seconds["affine"] = time.perf_counter() - t
+        pair = label_driven(run.fixed_labels, run.moving_labels, settings.affine_settings)
+    elif settings.affine_from != "images":
+        raise InputError(f"affine_from must be 'images' or 'labels', not {settings.affine_from!r}")
+    try:
+        affine_result = yield from align_affine(*pair)
+    except RuntimeError as exc:
+        reason = next((ln for ln in str(exc).splitlines() if "ITK ERROR" in ln), str(exc))
+        reason = reason.split(": ", 2)[-1].strip()[:160]
+        raise InputError(
+            f"{run.moving.name or 'moving'}: the affine stage failed ({reason}); check that the "
+            "images show the same anatomy and that their headers (origin, direction) are "
+            "right, or skip the stage with --no-affine"
+        ) from None
+    run.affine = affine_result.transform
+    run.seconds["affine"] = time.perf_counter() - t
 
-    grid, field_w = None, None
-    refine_used: RefineSettings | None = None  # the refinement settings actually used
-    if deformable:
-        t = time.perf_counter()
-        yield Progress(0, 1, "predicting the deformation", stage="predict")
-        grid = working_grid(fixed, settings.working_spacing, settings.max_size, model.size_multiple)
-        fixed_w = network_input(fixed, grid, fixed_window)
-        moving_w = network_input(moving, grid, moving_window, affine)
-        layout = torch.channels_last_3d if model.channels_last else torch.contiguous_format
-        fix_t, mov_t = (
-            _to_tensor(a, device).contiguous(memory_format=layout) for a in (fixed_w, moving_w)
+
+def _quality_check(run: _Run) -> _QualityCheck:
+    """The pair's modality and the baseline similarity, on the verdict's strided grid."""
+    t = time.perf_counter()
+    stride, grid = V.strided_grid(run.fixed.grid)
+    s = slice(None, None, stride)
+    fixed_n = apply_window(run.fixed.array[s, s, s], run.fixed_window)
+    mask = V.foreground(fixed_n)
+    moving_before = apply_window(resample(run.moving, grid).array, run.moving_window)
+    moving_affine = moving_before
+    if run.affine is not None:
+        moving_affine = apply_window(
+            resample(run.moving, grid, run.affine).array, run.moving_window
         )
-        model = model.to(device, memory_format=layout).eval()
-        with torch.no_grad(), autocast(device, dtype):
-            field_w = model(mov_t, fix_t).displacement
-        field_w = field_w.float()
-        seconds["predict"] = time.perf_counter() - t
-        yield Progress(1, 1, "predicted the deformation", stage="predict")
-        supervision = None
-        if _supervised(settings):
-            supervision = supervision_on_grid(
-                grid, affine, device, fixed_labels, moving_labels, fixed_landmarks, moving_landmarks
-            )
-        if settings.finetune.steps > 0:
-            t = time.perf_counter()
-            tuned = yield from _with_preview(
-                finetune_network(model, mov_t, fix_t, settings.finetune, supervision, dtype),
-                mov_t,
-                grid,
-            )
-            field_w, model = tuned.displacement, tuned.model
-            seconds["finetune"] = time.perf_counter() - t
-        if settings.refine.steps > 0:
-            t = time.perf_counter()
-            refine_used = for_model(settings.refine, model.multimodal)
-            refined = yield from _with_preview(
-                refine_field(mov_t, fix_t, field_w, refine_used, supervision), mov_t, grid
-            )
-            field_w = refined.displacement
-            seconds["refine"] = time.perf_counter() - t
+    modality = V.decide_modality(
+        fixed_n, moving_affine, mask, detect_modality(run.fixed.array),
+        detect_modality(run.moving.array),
+    )  # fmt: skip
+    name = modality.similarity
+    before = V.similarity(name, fixed_n, moving_before, mask, grid.spacing)
+    baseline = before
+    if run.affine is not None:
+        baseline = V.similarity(name, fixed_n, moving_affine, mask, grid.spacing)
+    run.seconds["verdict"] = time.perf_counter() - t
+    return _QualityCheck(stride, grid, fixed_n, mask, modality, before, baseline)
 
+
+def _auto_model(run: _Run) -> RegistrationModel | None:
+    """``--model auto``: the shipped checkpoint for the pair's modality (the default one for one
+    modality, a multi-modal model's for two); its working size and spacing unless set. None
+    (the affine stage alone) when no shipped checkpoint fits."""
+    from napari_deepwarp.core.checkpoint import default_checkpoint, working_size
+
+    modality = run.check.modality
+    kind = "two modalities" if modality.multimodal else "one modality"
+    path = default_checkpoint(multimodal=modality.multimodal)
+    settings = run.settings
+    if path is None:
+        settings.model = AFFINE_ONLY
+        run.auto = {"checkpoint": None, "line": f"{kind}, as {modality.reason}; no shipped "
+                    "checkpoint fits, so the affine stage alone"}  # fmt: skip
+        return None
+    model, card = _load_shipped(path)
+    settings.model = card["architecture"]
+    if settings.max_size is None:
+        settings.max_size = working_size(card, refining=settings.refine.steps > 0)
+    if settings.working_spacing is None:
+        settings.working_spacing = card.get("working_spacing_mm")
+    similarity = "mutual information" if modality.multimodal else "local NCC"
+    refining = f", refinement with {similarity}" if settings.refine.steps > 0 else ""
+    run.auto = {
+        "modality": "multi" if modality.multimodal else "mono",
+        "checkpoint": path.name,
+        "path": str(path),
+        "line": f"{kind}, as {modality.reason}; using {path.name}{refining}",
+    }
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def _load_shipped(path) -> tuple[RegistrationModel, dict]:
+    """A shipped checkpoint, loaded once per process (``register-batch`` and the widget register
+    many pairs; fine-tuning works on a copy, so the cached network never changes)."""
+    from napari_deepwarp.core.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, device="cpu")
+
+
+def _network_stage(run: _Run, model: RegistrationModel | None) -> Generator:
+    """Predict, fine-tune, refine; returns ``(working grid, field, model)`` (None, None, None
+    for the affine stage alone). The field: ``(1, 3, D, H, W)`` working voxels, float32."""
+    settings = run.settings
+    if settings.model == AFFINE_ONLY:
+        return None, None, None
+    if model is None:
+        model = create_model(settings.model)
+    fixed, moving, device = run.fixed, run.moving, run.device
+    t = time.perf_counter()
+    yield Progress(0, 1, "predicting the deformation", stage="predict")
+    max_size = settings.max_size or 96
+    grid = working_grid(
+        fixed, settings.working_spacing, max_size, model.size_multiple, model=settings.model
+    )
+    fixed_w = network_input(fixed, grid, run.fixed_window)
+    moving_w = network_input(moving, grid, run.moving_window, run.affine)
+    layout = torch.channels_last_3d if model.channels_last else torch.contiguous_format
+    fix_t, mov_t = (
+        _to_tensor(a, device).contiguous(memory_format=layout) for a in (fixed_w, moving_w)
+    )
+    model = model.to(device, memory_format=layout).eval()
+    with torch.no_grad(), autocast(device, run.dtype):
+        field_w = model(mov_t, fix_t).displacement
+    field_w = field_w.float()
+    run.seconds["predict"] = time.perf_counter() - t
+    yield Progress(1, 1, "predicted the deformation", stage="predict")
+    supervision = None
+    if _supervised(settings):
+        supervision = supervision_on_grid(
+            grid, run.affine, device, run.fixed_labels, run.moving_labels,
+            run.fixed_landmarks, run.moving_landmarks,
+        )  # fmt: skip
+    if settings.finetune.steps > 0:
+        t = time.perf_counter()
+        tuned = yield from _with_preview(
+            finetune_network(model, mov_t, fix_t, settings.finetune, supervision, run.dtype),
+            mov_t,
+            grid,
+        )
+        field_w, model = tuned.displacement, tuned.model
+        run.seconds["finetune"] = time.perf_counter() - t
+        run.stage = "fine-tuning"
+    if settings.refine.steps > 0:
+        t = time.perf_counter()
+        # "auto" follows the pair: mutual information for two modalities or a multi-modal model
+        multimodal = model.multimodal or run.check.modality.multimodal
+        run.refine_used = for_model(settings.refine, multimodal)
+        refined = yield from _with_preview(
+            refine_field(mov_t, fix_t, field_w, run.refine_used, supervision), mov_t, grid
+        )
+        field_w = refined.displacement
+        run.seconds["refine"] = time.perf_counter() - t
+        run.stage = "refinement"
+    return grid, field_w, model
+
+
+def _finish(
+    run: _Run,
+    grid: Grid | None,
+    field_w: torch.Tensor | None,
+    model: RegistrationModel | None,
+    judged: V.Verdict | None = None,
+) -> Generator[Progress, None, RegistrationResult]:
+    """The warp stage, the metrics and the verdict of the map ``y = A(x + d(x))`` with the
+    working-grid ``field_w`` (None: the affine stage alone, or nothing without one).
+
+    ``judged``: the verdict of the deformable result this one replaces (the guard's fallback):
+    it is kept, with ``returned`` naming the stage handed back."""
+    fixed, moving, device = run.fixed, run.moving, run.device
     t = time.perf_counter()
     yield Progress(0, 1, "warping at full resolution", stage="warp")
-    full = warp_full_resolution(fixed.grid, affine, grid, field_w, moving, moving_labels, device)
-    warped, warped_labels = full.warped, full.warped_labels
-    displacement, deformation, jacobian = full.displacement, full.deformation, full.jacobian
-    del full
-    seconds["warp"] = time.perf_counter() - t
+    full = warp_full_resolution(
+        fixed.grid, run.affine, grid, field_w, moving, run.moving_labels, device
+    )
+    run.seconds["warp"] = time.perf_counter() - t
 
     t = time.perf_counter()
     yield Progress(0, 1, "measuring", stage="metrics")
+    deformable = field_w is not None
+    metrics = _metrics(run, full, grid, field_w, deformable)
+    verdict = judged
+    if judged is None:
+        verdict = _verdict(run, full, metrics, deformable)
+    else:
+        verdict.returned, verdict.if_worse = judged.baseline, run.settings.if_worse
+    if verdict is not None:
+        metrics["verdict"] = verdict.as_dict()
+    if run.auto is not None:
+        metrics["auto"] = run.auto
+    run.seconds["metrics"] = time.perf_counter() - t
+    run.seconds["total"] = time.perf_counter() - run.t0
+    metrics["seconds"] = dict(run.seconds)
+    yield Progress(1, 1, "done", stage="done")
+    return RegistrationResult(
+        fixed=fixed,
+        moving=moving,
+        warped=full.warped,
+        displacement=full.displacement,
+        deformation=full.deformation,
+        affine=run.affine,
+        jacobian=full.jacobian,
+        metrics=metrics,
+        warped_labels=full.warped_labels,
+        working_grid=grid,
+        working_field=field_w,
+        model=model,
+        verdict=verdict,
+        context=run,
+    )
+
+
+def _metrics(run: _Run, full: FullResolution, grid, field_w, deformable: bool) -> dict:
+    """``metrics.json``'s measurements of the result in ``full`` (see :class:`_Run`)."""
+    settings, fixed, moving, affine = run.settings, run.fixed, run.moving, run.affine
     before = _identity_warp(moving, fixed.grid, labels=False)
-    fixed_n = apply_window(fixed.array, fixed_window)
+    fixed_n = apply_window(fixed.array, run.fixed_window)
     # One window per image and the fixed image's statistics once (same values as M.ncc / M.mi).
     sim_before, sim_after = M.intensity_similarity(
-        fixed_n, [apply_window(v.array, moving_window) for v in (before, warped)]
+        fixed_n, [apply_window(v.array, run.moving_window) for v in (before, full.warped)]
     )
+    # What the run did; the verdict says which stage's result these measurements describe.
+    refine_used = run.refine_used
+    network = settings.model != AFFINE_ONLY
     metrics: dict = {
         "model": settings.model,
-        "device": str(device),
-        "precision": precision_name(dtype) if deformable else None,
+        "device": str(run.device),
+        "precision": precision_name(run.dtype) if network else None,
         "affine_stage": affine is not None,
         "affine_from": settings.affine_from if affine is not None else None,
-        "finetune_steps": settings.finetune.steps,
-        "refine_steps": settings.refine.steps,
+        "finetune_steps": settings.finetune.steps if network else 0,
+        "refine_steps": settings.refine.steps if network else 0,
         "refine_similarity": refine_used.similarity if refine_used else None,
         "refine_reg_weight": refine_used.reg_weight if refine_used else None,
         "fixed_shape_zyx": list(fixed.shape),
         "working_grid": None
         if grid is None
         else {"shape_zyx": list(grid.shape), "spacing_mm": grid.spacing[0]},
-        "folding_percent": M.folding_percent(jacobian),
-        "sdlogj": M.sdlogj(jacobian),
+        "folding_percent": M.folding_percent(full.jacobian),
+        "sdlogj": M.sdlogj(full.jacobian),
         "ncc_before": sim_before["ncc"],
         "ncc_after": sim_after["ncc"],
         "mi_before": sim_before["mi"],
         "mi_after": sim_after["mi"],
     }
+    fixed_labels, moving_labels = run.fixed_labels, run.moving_labels
     if fixed_labels is not None and moving_labels is not None:
         stages = {"before": _identity_warp(moving_labels, fixed.grid, labels=True)}
         if affine is not None and deformable:
             stages["affine"] = resample(moving_labels, fixed.grid, affine, "nearest")
-        stages["after"] = warped_labels
+        stages["after"] = full.warped_labels
         overlaps = M.overlap_per_label_many(fixed_labels.array, [v.array for v in stages.values()])
         for name, per_label in zip(stages, overlaps):
             metrics[f"mean_dice_{name}"] = _mean(per_label, "dice")
             metrics[f"mean_jaccard_{name}"] = _mean(per_label, "jaccard")
             metrics[f"labels_{name}"] = {str(k): v for k, v in per_label.items()}
-    if fixed_landmarks is not None:
+    if run.fixed_landmarks is not None:
         stages = {"before": None, "after": (affine, grid, field_w)}
         if affine is not None and deformable:
             stages["affine"] = (affine, None, None)
         for name, mapping in stages.items():
-            mapped = fixed_landmarks if mapping is None else map_points(fixed_landmarks, *mapping)
-            tre = M.tre_mm(mapped, moving_landmarks)
+            points = run.fixed_landmarks
+            mapped = points if mapping is None else map_points(points, *mapping)
+            tre = M.tre_mm(mapped, run.moving_landmarks)
             metrics[f"tre_{name}_mm"] = tre["mean"]
             metrics[f"tre_{name}"] = tre
-    seconds["metrics"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
-    metrics["seconds"] = seconds
-    yield Progress(1, 1, "done", stage="done")
-    return RegistrationResult(
-        fixed=fixed,
-        moving=moving,
-        warped=warped,
-        displacement=displacement,
-        deformation=deformation,
-        affine=affine,
-        jacobian=jacobian,
-        metrics=metrics,
-        warped_labels=warped_labels,
-        working_grid=grid,
-        working_field=field_w,
-        model=model,
+    return metrics
+
+
+def _verdict(run: _Run, full: FullResolution, metrics: dict, deformable: bool) -> V.Verdict:
+    """Judge the result in ``full`` against the stage before it (see :mod:`verdict`)."""
+    check = run.check
+    s = slice(None, None, check.stride)
+    warped_n = apply_window(full.warped.array[s, s, s], run.moving_window)
+    name = check.modality.similarity
+    result = V.similarity(name, check.fixed_n, warped_n, check.mask, check.grid.spacing)
+    # The affine stage alone is judged against the unregistered pair, the rest against it.
+    has_affine = run.affine is not None and deformable
+    baseline_name = "affine" if has_affine else "unregistered"
+    baseline = check.baseline if has_affine else check.before
+    stage = run.stage if deformable else "the affine stage"
+    dice_base = metrics.get("mean_dice_affine" if has_affine else "mean_dice_before")
+    dice_result = metrics.get("mean_dice_after")
+    word, reason = V.judge(
+        name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result
+    )
+    p1, p99 = M.jacobian_percentiles(full.jacobian[s, s, s], check.mask)
+    modality = {"multimodal": check.modality.multimodal, "reason": check.modality.reason}
+    return V.Verdict(
+        word=word,
+        reason=reason,
+        baseline=baseline_name,
+        similarity=name,
+        similarity_before=check.before,
+        similarity_baseline=baseline,
+        similarity_result=result,
+        modality=modality,
+        folding_percent=metrics["folding_percent"],
+        sdlogj=metrics["sdlogj"],
+        jacobian_p1=p1,
+        jacobian_p99=p99,
+        dice_baseline=dice_base,
+        dice_result=dice_result,
+        if_worse=run.settings.if_worse,
+        stride=check.stride,
+        foreground_voxels=int(check.mask.sum()),
     )
 
 

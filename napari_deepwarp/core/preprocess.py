@@ -94,19 +94,37 @@ def foreground_bbox(vol: Volume, margin_mm: float = 8.0) -> tuple[np.ndarray, np
     return lo, hi
 
 
+MIN_WORKING_SIZE = 16  # voxels: the smallest working-grid side worth running a network on
+
+
+def smallest_working_size(multiple: int) -> int:
+    """The smallest working-grid side (voxels) for a network whose sides are ``multiple``s."""
+    return max(MIN_WORKING_SIZE, int(multiple))
+
+
 def working_grid(
     fixed: Volume,
     spacing: float | None = None,
     max_size: int = 96,
     multiple: int = 16,
     crop_to_foreground: bool = True,
+    model: str | None = None,
 ) -> Grid:
     """Isotropic grid for the network over the fixed image (or its foreground box).
 
     spacing: mm; default: the coarser of the finest fixed spacing and ``extent / max_size``.
     The shape is padded up to a multiple of ``multiple``, centred on the region, keeping the
-    fixed image's direction.
+    fixed image's direction. Raises ``InputError`` (naming ``model``, the network) when
+    ``max_size``, or the grid that ``spacing`` gives, is below :func:`smallest_working_size`.
     """
+    from napari_deepwarp.core.io import InputError
+
+    smallest, who = smallest_working_size(multiple), model or "the network"
+    if spacing is None and max_size < smallest:
+        raise InputError(
+            f"working grid size {max_size} (--max-size) is below the smallest {who} supports, "
+            f"{smallest} voxels (its sides are multiples of {multiple}); give {smallest} or more"
+        )
     lo, hi = (
         foreground_bbox(fixed) if crop_to_foreground else (np.zeros(3), np.array(fixed.shape) - 1.0)
     )
@@ -114,6 +132,13 @@ def working_grid(
     if spacing is None:
         spacing = max(min(fixed.spacing), float(extent_mm.max()) / max_size)
     n = np.maximum(np.ceil(extent_mm / spacing - 1e-6), 1)
+    own = np.ceil(extent_mm / min(fixed.spacing) - 1e-6).max()  # sides at the finest spacing
+    if n.max() < min(smallest, own):
+        finest = float(extent_mm.max()) / min(smallest, own)
+        raise InputError(
+            f"working spacing {spacing:g} mm (--working-spacing) gives a grid of {int(n.max())} "
+            f"voxels, below the smallest {who} supports ({smallest}); give at most {finest:.3g} mm"
+        )
     n = np.array([max(multiple, int(math.ceil(k / multiple) * multiple)) for k in n])
     centre_index = (lo + hi) / 2.0
     m = fixed.grid.index_to_world_matrix()
