@@ -4,9 +4,11 @@ The CSV has one pair per row: ``fixed,moving[,fixed_labels,moving_labels[,name]]
 row starting with ``fixed`` is a header; empty label cells mean no labels; relative paths are
 resolved against the CSV's folder). Each pair is written to ``OUTROOT/<name or row index>/``
 exactly as ``deepwarp register`` writes its output folder, and ``OUTROOT/summary.csv`` gets one
-row per pair (Dice before/after, folding, seconds, status). The next pair is read in a
-background thread while the current one runs. A bad row is reported and skipped; the exit code
-is 0 when every row succeeded, 2 otherwise.
+row per pair (Dice before/after, folding, the model used, the run's verdict with its similarity
+after the affine stage and after, which result was handed back, seconds, status). The next pair
+is read in a background thread while the current one runs. A bad row is reported and skipped;
+the exit code is 0 when every row succeeded, 3 when the only failures are pairs that
+``--if-worse fail`` refused, 2 otherwise.
 
 Under ``torchrun`` (environment ``RANK``/``WORLD_SIZE``) each process takes the rows ``i`` with
 ``i % WORLD_SIZE == RANK`` on its own GPU (``LOCAL_RANK``) and writes ``summary-rank<R>.csv``;
@@ -24,6 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+#: the status of a pair that ``--if-worse fail`` refused (the deformable stage made it worse)
+WORSE = "worse than affine"
+
 SUMMARY_FIELDS = (
     "row",
     "name",
@@ -32,6 +37,12 @@ SUMMARY_FIELDS = (
     "mean_dice_affine",
     "mean_dice_after",
     "folding_percent",
+    "model",
+    "verdict",
+    "similarity",
+    "similarity_affine",
+    "similarity_result",
+    "returned",
     "seconds",
     "fixed",
     "moving",
@@ -146,9 +157,12 @@ def _row(pair: Pair, status: str, metrics: dict | None = None, seconds=None, mes
     m = metrics or {}
 
     def fmt(key):
-        v = m.get(key)
-        return "" if v is None else f"{v:.6g}"
+        return _number(m.get(key))
 
+    verdict = m.get("verdict") or {}
+    returned = ""
+    if verdict:
+        returned = "deformable" if verdict["returned"] == "result" else verdict["returned"]
     return {
         "row": pair.row,
         "name": pair.name,
@@ -157,11 +171,21 @@ def _row(pair: Pair, status: str, metrics: dict | None = None, seconds=None, mes
         "mean_dice_affine": fmt("mean_dice_affine"),
         "mean_dice_after": fmt("mean_dice_after"),
         "folding_percent": fmt("folding_percent"),
+        "model": m.get("model", ""),
+        "verdict": verdict.get("word", ""),
+        "similarity": verdict.get("similarity_name", ""),
+        "similarity_affine": _number(verdict.get("similarity_baseline")),
+        "similarity_result": _number(verdict.get("similarity_result")),
+        "returned": returned,
         "seconds": "" if seconds is None else f"{seconds:.2f}",
         "fixed": str(pair.fixed),
         "moving": str(pair.moving),
         "message": message,
     }
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def _write_csv(path: Path, rows: list[dict], header_note: str | None = None) -> None:
@@ -186,12 +210,20 @@ def _read_csv(path: Path) -> tuple[str | None, list[dict]]:
 
 def run_batch(args, progress=print) -> int:
     """Register every pair of ``args.pairs`` that falls to this rank; returns the exit code."""
-    from napari_deepwarp.cli import EXIT_BAD_INPUT, _settings_and_model, drain
+    from napari_deepwarp.cli import drain
+    from napari_deepwarp.cli_exits import EXIT_BAD_INPUT, EXIT_WORSE
+    from napari_deepwarp.cli_options import settings_and_model
     from napari_deepwarp.core.checkpoint import CheckpointError
     from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
     from napari_deepwarp.core.io import InputError
     from napari_deepwarp.core.models.registry import create_model
-    from napari_deepwarp.core.pipeline import AFFINE_ONLY, register, write_result
+    from napari_deepwarp.core.pipeline import (
+        AFFINE_ONLY,
+        AUTO,
+        WorseThanBaseline,
+        register,
+        write_result,
+    )
 
     pairs = read_pairs(args.pairs)
     rank, world = _shard()
@@ -201,9 +233,9 @@ def run_batch(args, progress=print) -> int:
     rank_file = outroot / f"summary-rank{rank}.csv"
     if world > 1:
         rank_file.unlink(missing_ok=True)  # a stale file from an earlier, interrupted run
-    settings, model = _settings_and_model(args)
+    settings, model = settings_and_model(args)
     gpu = bind_local_gpu(settings.device, world)
-    if model is None and settings.model != AFFINE_ONLY:
+    if model is None and settings.model not in (AFFINE_ONLY, AUTO):
         # What register() would build for every pair, built once (same seed, same weights).
         import torch
 
@@ -239,6 +271,10 @@ def run_batch(args, progress=print) -> int:
                 rows.append(_row(pair, "ok", result.metrics, seconds))
                 say(f"{tag}: {_describe(result.metrics)}, {seconds:.1f} s")
                 del result, volumes
+            except WorseThanBaseline as exc:  # --if-worse fail: nothing written for this pair
+                seconds = time.perf_counter() - start
+                rows.append(_row(pair, WORSE, seconds=seconds, message=str(exc)))
+                say(f"{tag}: {exc}; nothing written (--if-worse fail)")
             except expected as exc:
                 message = " ".join(str(exc).split())
                 rows.append(
@@ -250,7 +286,7 @@ def run_batch(args, progress=print) -> int:
     failed = sum(r["status"] != "ok" for r in rows)
     if world == 1:
         _write_csv(outroot / "summary.csv", rows)
-        return _report(len(rows), failed, outroot, EXIT_BAD_INPUT)
+        return _report(len(rows), failed, outroot, _bad_exit(rows, EXIT_BAD_INPUT, EXIT_WORSE))
     _write_csv(rank_file, rows, header_note=f"run {run_id} world {world}")
     if rank != 0:
         say(f"rank {rank}: {len(rows)} pairs, {failed} failed; rank 0 writes summary.csv")
@@ -259,7 +295,14 @@ def run_batch(args, progress=print) -> int:
     if merged is None:
         return EXIT_BAD_INPUT
     failed = sum(r["status"] != "ok" for r in merged)
-    return _report(len(merged), failed, outroot, EXIT_BAD_INPUT)
+    return _report(len(merged), failed, outroot, _bad_exit(merged, EXIT_BAD_INPUT, EXIT_WORSE))
+
+
+def _bad_exit(rows: list[dict], bad_input: int, worse: int) -> int:
+    """The exit code when some rows are not ok: ``worse`` (3) when every one of them was only
+    worse than its affine stage under ``--if-worse fail``, else ``bad_input`` (2)."""
+    bad = [r["status"] for r in rows if r["status"] != "ok"]
+    return worse if bad and all(status == WORSE for status in bad) else bad_input
 
 
 def _describe(metrics: dict) -> str:
@@ -268,6 +311,8 @@ def _describe(metrics: dict) -> str:
         if metrics.get(f"mean_dice_{stage}") is not None:
             parts.append(f"Dice {stage} {metrics[f'mean_dice_{stage}']:.3f}")
     parts.append(f"folding {metrics['folding_percent']:.3f}%")
+    if metrics.get("verdict"):
+        parts.append(metrics["verdict"]["line"])
     return "; ".join(parts)
 
 
@@ -314,7 +359,8 @@ def cmd_register_batch(args) -> int:
 
 def add_register_batch(sub) -> None:
     """Add the ``register-batch`` subcommand to ``deepwarp``'s subparsers."""
-    from napari_deepwarp.cli import _add_method_options
+    from napari_deepwarp.cli_options import add_method_options
+    from napari_deepwarp.cli_types import positive_float
 
     p = sub.add_parser(
         "register-batch",
@@ -323,10 +369,10 @@ def add_register_batch(sub) -> None:
     )
     p.add_argument("pairs", help="CSV: fixed,moving[,fixed_labels,moving_labels[,name]] per row")
     p.add_argument("-o", "--output", required=True, help="output root: one folder per pair")
-    _add_method_options(p)
+    add_method_options(p)
     p.add_argument(
         "--merge-timeout",
-        type=float,
+        type=positive_float,
         default=24 * 3600.0,
         metavar="S",
         help="under torchrun: how long rank 0 waits for the other ranks' summaries",

@@ -12,7 +12,25 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from napari_deepwarp.cli_exits import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_WORSE,
+    OneLineParser,
+    Terminated,
+    on_sigterm,
+    os_error,
+    output_folder,
+    show_notes,
+)
+from napari_deepwarp.cli_options import add_method_options, add_precision, settings_and_model
+from napari_deepwarp.cli_types import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 class _Bars:
@@ -69,7 +87,7 @@ def _add_register(sub) -> None:
     p.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
     p.add_argument("moving", help="moving image, registered onto the fixed image's grid")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    _add_method_options(p)
+    add_method_options(p)
     p.add_argument("--fixed-labels", help="label map on the fixed image (for Dice)")
     p.add_argument("--moving-labels", help="label map on the moving image (propagated)")
     p.add_argument(
@@ -81,7 +99,7 @@ def _add_register(sub) -> None:
     )
     p.add_argument(
         "--landmarks-weight",
-        type=float,
+        type=non_negative_float,
         default=0.1,
         help="weight of the landmark distance term (per mm) in --finetune/--refine; 0: report only",
     )
@@ -94,206 +112,12 @@ def _add_register(sub) -> None:
     p.set_defaults(func=cmd_register)
 
 
-def _add_method_options(p) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="registry name (see `deepwarp models`) or 'affine' for the affine stage "
-        "alone; default: the checkpoint's architecture, else the best shipped model",
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="checkpoint file (.pt) with a model card; default: the model's shipped checkpoint; "
-        "'none': the untrained network",
-    )
-    p.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
-    p.add_argument(
-        "--affine-from",
-        choices=["images", "labels"],
-        default="images",
-        help="align the images (mutual information) or, where intensities cannot be related "
-        "(MR to ultrasound), the two label maps; Dice is then no longer an independent check",
-    )
-    p.add_argument(
-        "--finetune",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="instance optimisation: Adam steps on a copy of the network for this pair",
-    )
-    p.add_argument(
-        "--refine",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="field refinement: optimise the displacement itself, coarse to fine (fast)",
-    )
-    p.add_argument(
-        "--refine-similarity",
-        choices=["auto", "lncc", "mi"],
-        default="auto",
-        help="similarity of --refine (auto: mutual information for a multi-modal model such as "
-        "mi_unet, local NCC otherwise)",
-    )
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate")
-    p.add_argument(
-        "--similarity",
-        default=None,
-        choices=["ncc", "lncc", "ncc_ssd", "mi", "mse"],
-        help="fine-tuning similarity instead of the model's own loss (with --reg-weight)",
-    )
-    p.add_argument(
-        "--reg-weight",
-        type=float,
-        default=1.0,
-        help="weight of the diffusion regulariser when --similarity is given",
-    )
-    p.add_argument(
-        "--labels-weight",
-        type=float,
-        default=0.0,
-        help="supervise --finetune/--refine with the label maps: weight of a soft Dice term "
-        "(needs --fixed-labels and --moving-labels)",
-    )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    _add_precision(p, "auto", "the network's compute precision")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--modality",
-        default="auto",
-        choices=["auto", "mr", "ct"],
-        help="intensity preset (auto: CT recognised by its Hounsfield range)",
-    )
-    p.add_argument(
-        "--working-spacing",
-        type=float,
-        default=None,
-        metavar="MM",
-        help="isotropic spacing of the network's working grid",
-    )
-    p.add_argument(
-        "--max-size",
-        type=int,
-        default=None,
-        help="largest working-grid side when the spacing is chosen automatically (default: the "
-        "checkpoint's training size, or 96 with --refine or without a checkpoint)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def _add_precision(p, default: str, what: str) -> None:
-    """``--precision`` for register (default auto) and train (default float32)."""
-    p.add_argument(
-        "--precision",
-        default=default,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help=f"{what}. auto: bfloat16 where the device computes it natively (recent GPUs, CPUs "
-        "with AVX512-BF16 or AMX), else float32. float16 is for GPUs: most CPUs emulate it, "
-        "many times slower than float32",
-    )
-
-
-def _settings_and_model(args):
-    import torch
-
-    from napari_deepwarp.core.checkpoint import (
-        below_affine_stage,
-        default_checkpoint,
-        load_checkpoint,
-    )
-    from napari_deepwarp.core.finetune import FinetuneSettings
-    from napari_deepwarp.core.io import InputError
-    from napari_deepwarp.core.models.registry import available_models
-    from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
-    from napari_deepwarp.core.refine import RefineSettings
-
-    model, card = None, None
-    checkpoint = args.checkpoint
-    if checkpoint is None and args.model != AFFINE_ONLY:
-        checkpoint = default_checkpoint(args.model)  # the best shipped one without --model
-    if checkpoint and checkpoint != "none":
-        model, card = load_checkpoint(checkpoint, device="cpu")
-        if args.model and args.model != card["architecture"]:
-            raise InputError(
-                f"{checkpoint}: checkpoint holds a {card['architecture']!r} model but "
-                f"--model {args.model} was given; drop --model or give a matching checkpoint"
-            )
-    args.resolved_checkpoint = checkpoint if card else None
-    name = args.model or (card["architecture"] if card else "voxelmorph")
-    if name != AFFINE_ONLY and name not in available_models():
-        raise InputError(
-            f"unknown model {name!r}; choose one of: {', '.join([*available_models(), AFFINE_ONLY])}"
-        )
-    if name == AFFINE_ONLY and args.no_affine:
-        raise InputError("--model affine with --no-affine would do nothing; drop one of them")
-    finetune = FinetuneSettings(steps=max(0, args.finetune), seed=args.seed)
-    if args.lr:
-        finetune.learning_rate = args.lr
-    finetune.similarity, finetune.reg_weight = args.similarity, args.reg_weight
-    spacing = args.working_spacing or (card or {}).get("working_spacing_mm")
-    refine = RefineSettings(steps=max(0, args.refine), similarity=args.refine_similarity)
-    landmarks_weight = (
-        getattr(args, "landmarks_weight", 0.0) if getattr(args, "landmarks", None) else 0.0
-    )
-    for tuning in (finetune, refine):
-        tuning.labels_weight, tuning.landmarks_weight = args.labels_weight, landmarks_weight
-    if args.labels_weight > 0 and not (
-        getattr(args, "fixed_labels", None) and getattr(args, "moving_labels", None)
-    ):
-        raise InputError(
-            "--labels-weight needs label maps on both sides; add --fixed-labels and "
-            "--moving-labels, or drop --labels-weight"
-        )
-    if (args.labels_weight > 0 or landmarks_weight > 0) and finetune.steps == refine.steps == 0:
-        raise InputError(
-            "--labels-weight / --landmarks supervise fine-tuning or refinement; add "
-            "--refine STEPS or --finetune STEPS (or --landmarks-weight 0 to only report TRE)"
-        )
-    settings = RegistrationSettings(
-        model=name,
-        affine=not args.no_affine,
-        affine_from=getattr(args, "affine_from", "images"),
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        modality=args.modality,
-        working_spacing=spacing,
-        max_size=_max_size(args, card),
-        finetune=finetune,
-        refine=refine,
-    )
-    if (
-        name != AFFINE_ONLY
-        and model is None
-        and finetune.steps == 0
-        and args.refine == 0
-        and not args.quiet
-    ):
-        print(
-            f"deepwarp: note: no --checkpoint for {name!r} and no --finetune: an untrained "
-            "network predicts an almost-zero deformation; add --refine 150 or --finetune 100 (or a checkpoint)",
-            file=sys.stderr,
-        )
-    caveat = below_affine_stage(card) if card else None
-    if caveat and finetune.steps == 0 and args.refine == 0:
-        print(f"deepwarp: warning: {args.resolved_checkpoint}: {caveat}", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    return settings, model
-
-
-def _max_size(args, card: dict | None) -> int:
-    """--max-size, else the checkpoint's working size (see ``checkpoint.working_size``)."""
-    from napari_deepwarp.core.checkpoint import working_size
-
-    return args.max_size or working_size(card, refining=args.refine > 0)
-
-
 def cmd_register(args) -> int:
     from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
     from napari_deepwarp.core.io import InputError, read_landmarks, read_volume
-    from napari_deepwarp.core.pipeline import register, write_result
+    from napari_deepwarp.core.pipeline import WorseThanBaseline, register, write_result
 
-    settings, model = _settings_and_model(args)
+    settings, model = settings_and_model(args)
     if args.save_finetuned and settings.finetune.steps == 0:
         raise InputError("--save-finetuned needs --finetune STEPS (there is nothing tuned to save)")
     fixed = read_volume(args.fixed)
@@ -306,19 +130,49 @@ def cmd_register(args) -> int:
         return register(fixed, moving, s, model, fixed_labels, moving_labels, *points)
 
     # a GPU that runs out of memory retries on a smaller grid, then the CPU, and says so
-    result = drain(with_oom_fallback(run, settings), args.quiet)
+    try:
+        result = drain(with_oom_fallback(run, settings), args.quiet)
+    except WorseThanBaseline as exc:
+        print(f"deepwarp: {exc}; nothing written (--if-worse fail)", file=sys.stderr)
+        return EXIT_WORSE
     release_memory(settings.device)
+    if result.metrics.get("auto", {}).get("path"):
+        args.resolved_checkpoint = result.metrics["auto"]["path"]  # the parent of --save-finetuned
     written = write_result(result, args.output)
     if args.save_finetuned:
         written.append(_save_finetuned(args, result))
+    report_choices(result.metrics, args.quiet)
     if not args.quiet:
         _summary(result.metrics, written)
     return 0
 
 
+def report_choices(metrics: dict, quiet: bool = False) -> None:
+    """What ``--model auto`` chose and why (with the checkpoint's benchmark caveat, if any), and
+    the verdict, one line each on stderr. A verdict other than "improved" is printed even with
+    ``--quiet``: a run is never silently worse."""
+    from napari_deepwarp.core.checkpoint import below_affine_stage, read_card
+
+    auto = metrics.get("auto") or {}
+    if auto and not quiet:
+        print(f"deepwarp: auto: {auto['line']}", file=sys.stderr)
+    caveat = below_affine_stage(read_card(auto["path"])) if auto.get("path") else None
+    if caveat and not (metrics["finetune_steps"] or metrics["refine_steps"]):
+        print(f"deepwarp: warning: {auto['checkpoint']}: {caveat}", file=sys.stderr)
+    verdict = metrics.get("verdict")
+    if verdict and (not quiet or verdict["word"] != "improved"):
+        kind = "verdict" if verdict["word"] == "improved" else "warning"
+        print(f"deepwarp: {kind}: {verdict['line']}", file=sys.stderr)
+
+
 def _save_finetuned(args, result):
-    """Write the fine-tuned copy with a card: its parent, the pair, the steps and the time."""
+    """Write the fine-tuned copy with a card: its parent, the pair, the steps and the time (and
+    what the network reached on the pair, even where the guard handed back the affine stage)."""
     from napari_deepwarp.core.checkpoint import finetuned_card, save_checkpoint
+    from napari_deepwarp.core.pipeline import alternative
+
+    if result.rejected is not None:
+        result = drain(alternative(result), quiet=True)
 
     tuned_on = f"fixed {Path(args.fixed).resolve()}, moving {Path(args.moving).resolve()}"
     command = "deepwarp " + " ".join(args.argv)
@@ -461,34 +315,36 @@ def _add_train(sub) -> None:
         "NAME_labels.nii.gz beside NAME_t1.nii.gz), or a CSV: image[,labels] or "
         "fixed,moving[,fixed_labels,moving_labels]",
     )
-    p.add_argument("--steps", type=int, required=True, help="optimiser steps in all")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps in all")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
     p.add_argument(
         "--shape",
-        type=int,
+        type=positive_int,
         nargs=3,
         default=[64, 64, 64],
         metavar=("D", "H", "W"),
         help="training grid (z, y, x)",
     )
-    p.add_argument("--batch-size", type=int, default=1, help="pairs per step and process")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--grad-clip", type=float, default=10.0, help="largest gradient norm per step")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="pairs per step and process")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
+    p.add_argument(
+        "--grad-clip", type=positive_float, default=10.0, help="largest gradient norm per step"
+    )
     p.add_argument(
         "--similarity",
         choices=["ncc", "lncc", "ncc_ssd", "mi", "mse"],
         help="replace the model's own loss by this similarity + --reg-weight x diffusion",
     )
-    p.add_argument("--reg-weight", type=float, default=1.0)
+    p.add_argument("--reg-weight", type=non_negative_float, default=1.0)
     p.add_argument(
         "--labels-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="add a soft Dice term on the pairs' label maps (synthetic pairs always have them)",
     )
     p.add_argument(
         "--field-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="synthetic pairs: add the squared endpoint error to their true field (supervised "
         "flow loss, FlowNet style), e.g. to start a coarse-to-fine network off the identity",
@@ -517,8 +373,8 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--init", help="start from this checkpoint's weights (see --model) instead of random ones"
     )
-    p.add_argument("--checkpoint-every", type=int, default=100, metavar="K")
-    p.add_argument("--validate-every", type=int, default=100, metavar="K")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="K")
+    p.add_argument("--validate-every", type=positive_int, default=100, metavar="K")
     p.add_argument(
         "--validation",
         help="CSV or folder of labelled volumes for validation Dice (default: synthetic pairs)",
@@ -527,23 +383,25 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT's saved state")
     p.add_argument(
         "--time-limit",
-        type=float,
+        type=positive_float,
         metavar="MINUTES",
         help="stop and save after this many minutes (the card records the steps run)",
     )
     p.add_argument("--cache", help="folder for preprocessed real pairs (default: beside OUTPUT)")
-    p.add_argument("--working-spacing", type=float, help="mm per training voxel, for the card")
+    p.add_argument(
+        "--working-spacing", type=positive_float, help="mm per training voxel, for the card"
+    )
     p.add_argument("--name", help="short name for the card")
     p.add_argument("--description", help="one line for the card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    _add_precision(
+    add_precision(
         p,
         "float32",
         "mixed-precision forward passes, weights staying float32 (default float32, "
         "so that recorded commands repeat)",
     )
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -625,9 +483,13 @@ def cmd_train(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="register the built-in sample pair and show it in napari")
     p.add_argument("-o", "--output", default="deepwarp-demo", help="output folder")
-    p.add_argument("--refine", type=int, default=150, metavar="STEPS", help="field refinement")
-    p.add_argument("--finetune", type=int, default=0, metavar="STEPS", help="network fine-tuning")
-    p.add_argument("--max-size", type=int, default=64, help="largest working-grid side")
+    p.add_argument(
+        "--refine", type=non_negative_int, default=150, metavar="STEPS", help="field refinement"
+    )
+    p.add_argument(
+        "--finetune", type=non_negative_int, default=0, metavar="STEPS", help="network fine-tuning"
+    )
+    p.add_argument("--max-size", type=positive_int, default=64, help="largest working-grid side")
     p.add_argument("--no-viewer", action="store_true", help="do not open napari")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_demo)
@@ -693,7 +555,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from napari_deepwarp.batch import add_register_batch
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="deepwarp",
         description="Deep-learning deformable registration of 3D medical volumes.",
     )
@@ -708,10 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a ``deepwarp`` command. Exit codes: 0 done; 2 bad input, a full disk or an output
+    folder that cannot be written (one line ``deepwarp: error: ...``, nothing written); 3
+    ``--if-worse fail``; 130 Ctrl-C; 143 SIGTERM (both remove what was being written)."""
+    import signal
+    import threading
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from napari_deepwarp.core.io import InputError
+    from napari_deepwarp.core.io import (
+        InputError,
+        InputNote,
+        check_output_folder,
+        remove_empty_folders,
+    )
 
     try:
         errors: tuple[type[BaseException], ...] = (InputError,)
@@ -720,14 +594,35 @@ def main(argv: list[str] | None = None) -> int:
         errors = (InputError, CheckpointError)
     except ImportError:
         pass
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if on_main_thread else None
+    folder, created, done = None, [], False
     try:
-        return args.func(args)
+        target = output_folder(args)
+        if target is not None:
+            folder = target[0]
+            created = check_output_folder(*target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", InputNote)
+            warnings.showwarning = show_notes(warnings.showwarning)
+            code = args.func(args)
+        done = code == 0
+        return code
     except errors as exc:
         print(f"deepwarp: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("deepwarp: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        print(f"deepwarp: error: {os_error(exc, folder)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"deepwarp: {what}; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if not done:  # a failed run leaves no empty output folder it created
+            remove_empty_folders(created)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,27 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bind_local_gpu("auto", world=8) is None
     assert chosen == [1, 2]
+
+
+def test_the_summary_shows_each_pairs_verdict_and_auto_choice(tmp_path):
+    """The same verdict as `deepwarp register`'s metrics.json, one row per pair; each pair's
+    model chosen for that pair by --model auto (the default)."""
+    p = sample_pair_paths()
+    pairs = tmp_path / "pairs.csv"
+    row = f"{p['fixed']},{p['moving']},{p['fixed_labels']},{p['moving_labels']}"
+    pairs.write_text(f"{row},a\n{p['fixed']},{p['moving']},,,b\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["register-batch", str(pairs), "-o", str(out), "-q", "--device", "cpu"]) == 0
+    rows = summary(out / "summary.csv")
+    for name in ("a", "b"):
+        metrics = json.loads((out / name / "metrics.json").read_text(encoding="utf-8"))
+        verdict = metrics["verdict"]
+        assert rows[name]["verdict"] == verdict["word"] and rows[name]["model"] == metrics["model"]
+        assert rows[name]["similarity"] == "local NCC" == verdict["similarity_name"]
+        assert float(rows[name]["similarity_result"]) == pytest.approx(
+            verdict["similarity_result"], rel=1e-5
+        )
+        assert rows[name]["returned"] == (
+            "deformable" if verdict["returned"] == "result" else "affine"
+        )
+        assert metrics["auto"]["modality"] == "mono"

@@ -1,7 +1,10 @@
 """Reading and writing volumes, displacement fields and transforms through SimpleITK.
 
 Every format SimpleITK reads (NIfTI, NRRD, MHA/MHD, ...) and DICOM series (a folder) come in as a
-:class:`Volume`. Writes are atomic: a file appears complete or not at all.
+:class:`Volume`. Reads check the header before the data (an image larger than the memory is
+refused) and the data's integrity (a cut-off or corrupt file is refused, never zero-filled);
+multi-channel label maps are read one label per channel, with an :class:`InputNote`. Writes are
+atomic: a file appears complete or not at all, and a full disk is an ``OSError(ENOSPC)``.
 
 A physical displacement field is an ITK vector image on the fixed grid: ``(x, y, z)`` millimetre
 displacements in LPS world coordinates mapping fixed points to moving points, the convention of
@@ -10,6 +13,7 @@ displacements in LPS world coordinates mapping fixed points to moving points, th
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,22 +21,22 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from napari_deepwarp.core.errors import InputError, InputNote
+from napari_deepwarp.core.file_checks import (
+    GZIP_MAGIC,
+    TRUNCATION_SIGNS,
+    check_complete,
+    check_gzip,
+    check_memory,
+    check_nifti_length,
+    cut_off,
+    starts_with,
+    suffix,
+)
 from napari_deepwarp.core.volume import Grid, Volume
 
-
-class InputError(ValueError):
-    """Bad input from the user: the message names the file, the problem and the fix."""
-
-
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".h5", ".hdf5", ".tfm")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for s in _SUFFIXES:
-        if name.endswith(s):
-            return name[-len(s) :]
-    return path.suffix.lower()
+# re-exported: callers import these from here
+__all__ = ["InputError", "InputNote"]
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -47,21 +51,52 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read a file or a DICOM folder as a SimpleITK image, with a clear error when it cannot."""
+    """Read a file or a DICOM folder as a SimpleITK image, with a clear error when it cannot.
+
+    A file's header is read first: an image larger than the memory available is refused before
+    anything is allocated, and a file whose data is cut off or corrupt (a gzip stream that ends
+    early or fails its CRC, a NIfTI/MHA/NRRD file shorter than its header says) is refused
+    rather than read with zeros in place of the missing voxels, as SimpleITK would.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        try:
+            return _read_dicom_series(path)
+        except RuntimeError as exc:
+            raise _unreadable(path, exc) from None
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file; give an image file or a DICOM folder")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    except InputError:
-        raise
+        reader.ReadImageInformation()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "exception" in ln.lower()), "")
-        raise InputError(
-            f"{path}: cannot read this file as an image (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
-            + (f" [{detail.strip()[:120]}]" if detail else "")
-        ) from None
+        if starts_with(path, GZIP_MAGIC):
+            check_gzip(path)  # a corrupt stream says so rather than "cannot read"
+        raise _unreadable(path, exc) from None
+    check_memory(path, reader)
+    check_complete(path, reader)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> InputError:
+    import re
+
+    lines = str(exc).strip().splitlines()
+    detail = next((ln for ln in lines if "ERROR" in ln), "")
+    detail = re.sub(r"^.*ERROR: (\w+\(0x[0-9a-f]+\): )?", "", detail)  # the reason alone
+    sign = next((ln for ln in lines if any(k in ln for k in TRUNCATION_SIGNS)), None)
+    if sign is not None:
+        return cut_off(path, sign.strip()[:120])
+    return InputError(
+        f"{path}: cannot read this file as an image (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
+        + (f" [{detail.strip()[:120]}]" if detail else "")
+    )
 
 
 def read_volume(path: str | os.PathLike, labels: bool = False) -> Volume:
@@ -69,11 +104,19 @@ def read_volume(path: str | os.PathLike, labels: bool = False) -> Volume:
 
     Refuses 2D and 4D images, vector images, and (for labels) non-integer values.
     Images come back as float32, label maps as an integer type.
+
+    A label map with C channels (a 4D image of C volumes or a vector image of C components, as
+    DeepReg and MONAI write them) is read as one label per channel, with an :class:`InputNote`
+    warning: one-hot with a background channel (channels summing to 1 everywhere) as
+    ``label = argmax`` (channel 0 background), else binary masks as labels 1..C, later
+    channels winning where masks overlap.
     """
     path = Path(path)
     img = read_image(path)
     kind = "label map" if labels else "image"
     size = img.GetSize()
+    if labels and _channels(img) > 1:
+        return _channel_labels(img, path)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{path}: {kind} has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -101,6 +144,52 @@ def read_volume(path: str | os.PathLike, labels: bool = False) -> Volume:
         vol.array = _as_label_array(vol.array, path)
     else:
         vol.array = vol.array.astype(np.float32, copy=False)
+    return vol
+
+
+def _channels(img: sitk.Image) -> int:
+    """Channels of a 3D vector image or of a 4D image (its 4th axis); 1 otherwise."""
+    if img.GetDimension() == 3:
+        return img.GetNumberOfComponentsPerPixel()
+    if img.GetDimension() == 4 and img.GetNumberOfComponentsPerPixel() == 1:
+        return img.GetSize()[3]
+    return 1
+
+
+def _channel_labels(img: sitk.Image, path: Path) -> Volume:
+    """A C-channel label map as one integer label map (see :func:`read_volume`)."""
+    import warnings
+
+    c = _channels(img)
+    if img.GetDimension() == 4:
+        geometry = img[:, :, :, 0]
+        array = np.moveaxis(sitk.GetArrayViewFromImage(img), 0, -1)  # (z, y, x, C)
+    else:
+        geometry = sitk.VectorIndexSelectionCast(img, 0)
+        array = sitk.GetArrayViewFromImage(img)  # (z, y, x, C)
+    if min(geometry.GetSize()) < 2:
+        raise InputError(f"{path}: label map of size {geometry.GetSize()} is a single slice")
+    vol = Volume.from_sitk(geometry, name=path.name)
+    total = array.sum(axis=-1, dtype=np.float64)
+    binary = np.isin(array, (0, 1)).all()
+    if np.all(np.abs(total - 1.0) < 1e-3):
+        vol.array = np.argmax(array, axis=-1).astype(np.int32)
+        how = f"labels 0-{c - 1} (one-hot: label = channel index, channel 0 the background)"
+    elif binary:
+        out = np.zeros(array.shape[:3], np.int32)
+        for k in range(c):  # later channels win where masks overlap
+            out[array[..., k] != 0] = k + 1
+        vol.array = out
+        overlap = int((total > 1).sum())
+        how = f"labels 1-{c} (one binary mask per channel" + (
+            f"; {overlap} voxels in several masks took the last)" if overlap else ")"
+        )
+    else:
+        raise InputError(
+            f"{path}: label map has {c} channels that are neither binary masks nor one-hot; "
+            "give one integer label map, or one 0/1 mask per channel"
+        )
+    warnings.warn(f"{path}: {c}-channel label map read as {how}", InputNote, stacklevel=3)
     return vol
 
 
@@ -171,15 +260,60 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
-# --- atomic writes ----------------------------------------------------------------------------
+# --- output folders and atomic writes ---------------------------------------------------------
+def check_output_folder(folder: str | os.PathLike, option: str = "-o") -> list[Path]:
+    """Refuse an output folder that is a file, cannot be created, or cannot be written, before
+    any work: the folder (and missing parents) is created, a test file written and removed, and
+    the folders created here removed again. Returns the folders that did not exist (so that a
+    caller can remove them, if left empty, after a failed run). ``option`` names the flag."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(
+            f"{folder}: the output folder ({option}) is an existing file; give a folder path"
+        )
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".partial-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"{folder}: cannot create or write the output folder ({option}): "
+            f"{exc.strerror or exc}; give a folder you can write to"
+        ) from None
+    finally:
+        remove_empty_folders(missing)
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first, as :func:`check_output_folder` lists them)
+    that exists and is empty; leave the others."""
+    for created in folders:
+        try:
+            created.rmdir()
+        except OSError:
+            pass
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=_suffix(path), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except RuntimeError as exc:  # ITK's writers: a full disk is an OSError like Python's own
+        Path(tmp).unlink(missing_ok=True)
+        if "No space left on device" in str(exc) or "errno = 28" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -188,9 +322,22 @@ def _atomic(path: Path, write) -> Path:
 
 def write_image(img: sitk.Image, path: str | os.PathLike) -> Path:
     """Write a SimpleITK image atomically (compressed where the format allows)."""
-    if _suffix(Path(path)) == ".nii.gz":
+    if suffix(Path(path)) == ".nii.gz":
         return _atomic(path, lambda tmp: _write_nifti_gz(img, tmp))
+    if suffix(Path(path)) == ".nii":
+        return _atomic(path, lambda tmp: _write_nifti(img, tmp))
     return _atomic(path, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
+
+
+def _write_nifti(img: sitk.Image, path: str) -> None:
+    """Plain ``.nii``, its length checked: ITK's NIfTI writer says nothing when the disk fills."""
+    sitk.WriteImage(img, path, useCompression=False)
+    with open(path, "rb") as f:
+        head = f.read(544)
+    try:
+        check_nifti_length(Path(path), head, os.path.getsize(path))
+    except InputError:
+        raise OSError(errno.ENOSPC, "file written incompletely (disk full?)", path) from None
 
 
 def _write_nifti_gz(img: sitk.Image, path: str) -> None:
@@ -203,7 +350,7 @@ def _write_nifti_gz(img: sitk.Image, path: str) -> None:
 
     plain = path[: -len(".gz")]
     try:
-        sitk.WriteImage(img, plain, useCompression=False)
+        _write_nifti(img, plain)
         with open(plain, "rb") as src, igzip.open(path, "wb", compresslevel=1) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
     finally:
@@ -258,7 +405,7 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such transform file")
-    if _suffix(path) in (".h5", ".hdf5", ".tfm", ".txt", ".mat"):
+    if suffix(path) in (".h5", ".hdf5", ".tfm", ".txt", ".mat"):
         try:
             return sitk.ReadTransform(str(path))
         except RuntimeError:
@@ -303,6 +450,9 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
         ) from None
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
         raise InputError(f"{path}: no landmarks found; give one x,y,z point per row")
+    if not np.isfinite(points).all():
+        row = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0]) + 1
+        raise InputError(f"{path}: landmark {row} has a NaN or infinite coordinate; fix or drop it")
     if ras:
         points[:, :2] *= -1.0
     return points

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,43 @@ def test_a_4d_file_is_refused_with_a_command_that_extracts_a_volume(tmp_path):
     subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True)  # as printed
     first = io.read_volume(tmp_path / (path.name.split(".")[0] + "_0.nii.gz"))
     np.testing.assert_array_equal(first.array, stack[0])
+
+
+def test_a_short_nifti_write_is_a_full_disk_and_leaves_nothing(tmp_path, monkeypatch):
+    """ITK's NIfTI writer says nothing when the disk fills up; the length check does."""
+    import errno
+
+    real = sitk.WriteImage
+
+    def short(img, path, *args, **kwargs):
+        real(img, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+    for name in ("out.nii.gz", "out.nii"):
+        with pytest.raises(OSError) as err:
+            io.write_volume(make_volume(), tmp_path / name)
+        assert err.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_larger_than_the_memory_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = tmp_path / "x.nii.gz"
+    io.write_volume(make_volume(), path)
+    from napari_deepwarp.core import file_checks
+
+    monkeypatch.setattr(file_checks, "available_memory", lambda: 1000)
+    with pytest.raises(io.InputError, match=r"14x12x10 voxels \(6.7 KB\), more than the 1.0 KB"):
+        io.read_volume(path)
+
+
+def test_the_output_folder_check_leaves_no_folder_behind(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert io.check_output_folder(target) == [target, tmp_path / "a"]
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(io.InputError, match="is an existing file"):
+        io.check_output_folder(tmp_path / "f")
+    with pytest.raises(io.InputError, match="cannot create or write"):
+        io.check_output_folder(tmp_path / "f" / "sub")
