@@ -16,7 +16,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def metric_rows(record) -> list[list[str]]:
-    """Rows for one :class:`~napari_deepwarp._qt.worker.RunRecord`: overlap (mean and per label),
+    """Rows for one :class:`~napari_deepwarp._qt.worker.RunRecord`: the verdict and the similarity
+    it judged by, overlap (mean and per label),
     landmark TRE, similarity, field quality, deformation range, time per stage, device, memory."""
     m = record.result.metrics
     rows: list[list[str]] = []
@@ -26,6 +27,17 @@ def metric_rows(record) -> list[list[str]]:
         if any(v is not None for v in values):
             rows.append([label, *(_fmt(v) for v in values)])
 
+    verdict = m.get("verdict")
+    if verdict:
+        rows.append(["verdict", "", "", verdict["word"]])
+        rows.append(
+            [
+                f"{verdict['similarity_name']}, fixed foreground (judged result)",
+                _fmt(verdict["similarity_before"]),
+                _fmt(verdict["similarity_baseline"]) if verdict["baseline"] == "affine" else "",
+                _fmt(verdict["similarity_result"]),
+            ]
+        )
     stages("mean Dice", "mean_dice")
     stages("mean Jaccard", "mean_jaccard")
     per_label = {s: m.get(f"labels_{s}") or {} for s in ("before", "affine", "after")}

@@ -8,6 +8,8 @@ bad choice and every failure ends in a napari notification, never an exception i
 
 from __future__ import annotations
 
+import html
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ from .loss_plot import LossPlot
 from .readout import HEADERS, metric_rows
 from .result_layers import grid_segments, run_layers
 from .tables import CopyableTable
-from .worker import RegistrationFailed, RunRequest, run_job
+from .worker import RegistrationFailed, RunRequest, run_job, switch_job
 
 NONE = "(none)"
 
@@ -235,6 +237,12 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         rl.setContentsMargins(0, 0, 0, 0)
         self.run_label = QLabel("no run yet")
         self.run_label.setWordWrap(True)
+        # The run's verdict, coloured, and the other result of the same run one click away.
+        self.verdict_label = QLabel("")
+        self.verdict_label.setWordWrap(True)
+        self.verdict_label.setTextFormat(Qt.TextFormat.RichText)
+        self.other_button = QPushButton("")
+        self.other_button.setVisible(False)
         view_row = QHBoxLayout()
         self.view = QComboBox()
         self.view.addItems(VIEWS)
@@ -256,6 +264,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         for b in (self.export_button, self.field_button, self.save_button):
             export_row.addWidget(b)
         rl.addWidget(self.run_label)
+        rl.addWidget(self.verdict_label)
+        rl.addWidget(self.other_button)
         rl.addLayout(view_row)
         rl.addWidget(self.readout)
         rl.addLayout(copy_row)
@@ -288,6 +298,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.viewer.dims.events.current_step.connect(self._schedule_regrid)
         self.viewer.dims.events.order.connect(self._schedule_regrid)
         self.copy_button.clicked.connect(self.readout.copy)
+        self.other_button.clicked.connect(self.show_other_result)
         self.csv_button.clicked.connect(lambda: self.export_csv())
         self.export_button.clicked.connect(lambda: self.export_run())
         self.field_button.clicked.connect(lambda: self.export_field())
@@ -521,9 +532,11 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             return
         self.start(request)
 
-    def start(self, request: RunRequest) -> None:
+    def start(self, request: RunRequest, job=run_job, *head) -> None:
+        """Run ``job(*head, request, invert_labels)`` in a worker thread (a registration, or the
+        other result of an earlier run); its record becomes a new run."""
         worker = create_worker(
-            run_job, request, self.invert.isChecked(), _start_thread=False, _ignore_errors=True
+            job, *head, request, self.invert.isChecked(), _start_thread=False, _ignore_errors=True
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
@@ -672,7 +685,38 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             f"|u| {mag.min():.2g}–{mag.max():.3g} mm"
         )
         self.readout.set_rows(metric_rows(record))
+        self._show_verdict(record)
         self._update_result_buttons()
+
+    def _show_verdict(self, record) -> None:
+        """The verdict as one coloured line: green improved, amber no better, red worse."""
+        verdict = record.result.verdict
+        self.other_button.setVisible(verdict is not None and _other_stage(record) is not None)
+        if verdict is None:
+            self.verdict_label.setText("")
+            return
+        colour = {"improved": "#3fbf5f", "no better": "#e0a030"}.get(
+            next((w for w in ("improved", "no better") if verdict.word.startswith(w)), ""),
+            "#f05050",
+        )
+        self.verdict_label.setText(
+            f'<span style="color:{colour}"><b>{html.escape(verdict.word)}</b></span>: '
+            f"{html.escape(verdict.line().split(': ', 1)[1])}"
+        )
+        self.other_button.setText(f"Show the {_other_stage(record)}'s result")
+
+    def show_other_result(self) -> None:
+        """Add the other result of the run shown as a new run: the network's result that the
+        guard set aside, or the affine stage's instead of the network's (one warp, no new
+        registration)."""
+        record = self.current
+        if self.worker is not None or record is None or record.result.verdict is None:
+            return
+        number = len(self.records) + 1
+        which = _other_stage(record)
+        name = f"run {number} · {which} of run {record.number}"
+        request = replace(record.request, number=number, name=name)
+        self.start(request, switch_job, record)
 
     def _show_run_number(self, number: int) -> None:
         for record in self.records:
@@ -738,6 +782,16 @@ def _double(lo: float, hi: float, value: float, tip: str) -> QDoubleSpinBox:
     spin.setValue(value)
     spin.setToolTip(tip)
     return spin
+
+
+def _other_stage(record) -> str | None:
+    """What :meth:`DeepwarpWidget.show_other_result` would show for ``record``."""
+    result = record.result
+    if result.rejected is not None:
+        return "network"
+    if result.working_field is not None and result.affine is not None:
+        return "affine stage"
+    return None
 
 
 def _f(value) -> str:

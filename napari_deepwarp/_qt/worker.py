@@ -24,7 +24,12 @@ from napari_deepwarp.core.checkpoint import CheckpointError, load_checkpoint
 from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
 from napari_deepwarp.core.inverse import invert_deformation, warp_to_moving
 from napari_deepwarp.core.io import InputError
-from napari_deepwarp.core.pipeline import RegistrationResult, RegistrationSettings, register
+from napari_deepwarp.core.pipeline import (
+    RegistrationResult,
+    RegistrationSettings,
+    alternative,
+    register,
+)
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.volume import Volume
 
@@ -150,23 +155,7 @@ def run_job(
         # out of GPU memory: a smaller working grid, then the CPU (a progress message says so)
         result = yield from _drain(with_oom_fallback(attempt, request.settings), memory)
         release_memory(request.settings.device)
-        inverse = None
-        if invert_labels and request.fixed_labels is not None:
-            t = time.perf_counter()
-            yield Progress(0, 1, "fixed labels into moving space (inverse map)", stage="inverse")
-            w = invert_deformation(
-                result.deformation, result.fixed.grid, iterations=30, tolerance_mm=0.01
-            )
-            inverse = warp_to_moving(
-                request.fixed_labels,
-                request.moving.grid,
-                w,
-                result.fixed.grid,
-                result.affine,
-                labels=True,
-            )
-            inverse.name = f"{request.fixed_labels.name} in moving space"
-            result.metrics.setdefault("seconds", {})["inverse"] = time.perf_counter() - t
+        inverse = (yield from _inverse_labels(request, result)) if invert_labels else None
         return RunRecord(
             request=request,
             result=result,
@@ -179,3 +168,40 @@ def run_job(
         raise
     except Exception as exc:
         raise RegistrationFailed(f"{request.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def switch_job(
+    record: RunRecord, request: RunRequest, invert_labels: bool = True
+) -> Generator[Progress, None, RunRecord]:
+    """The other result of ``record``'s run (:func:`pipeline.alternative`: the network's result
+    that the guard set aside, or the affine stage's) as a new record for ``request`` (the same
+    request with its own number and name)."""
+    try:
+        memory = _Memory(request.settings.device)
+        result = yield from _drain(alternative(record.result), memory)
+        inverse = (yield from _inverse_labels(request, result)) if invert_labels else None
+        return RunRecord(
+            request=request,
+            result=result,
+            card=record.card,
+            inverse_labels=inverse,
+            peak_memory_mb=memory.peak_mb(),
+            memory_method=memory.method,
+        )
+    except Exception as exc:
+        raise RegistrationFailed(f"{request.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _inverse_labels(request: RunRequest, result: RegistrationResult) -> Generator:
+    """The fixed labels taken into moving space through the inverse map (None without them)."""
+    if request.fixed_labels is None:
+        return None
+    t = time.perf_counter()
+    yield Progress(0, 1, "fixed labels into moving space (inverse map)", stage="inverse")
+    w = invert_deformation(result.deformation, result.fixed.grid, iterations=30, tolerance_mm=0.01)
+    inverse = warp_to_moving(
+        request.fixed_labels, request.moving.grid, w, result.fixed.grid, result.affine, labels=True
+    )
+    inverse.name = f"{request.fixed_labels.name} in moving space"
+    result.metrics.setdefault("seconds", {})["inverse"] = time.perf_counter() - t
+    return inverse

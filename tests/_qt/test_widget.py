@@ -257,3 +257,29 @@ def test_card_panel_says_where_a_checkpoint_was_trained_and_runs():
     assert "on None" not in card_summary(warm_started)
     tuned = {**warm_started, "tuned_on": "fixed.nii.gz <- moving.nii.gz"}
     assert "fine-tuned from a.pt on fixed.nii.gz <- moving.nii.gz" in card_summary(tuned)
+
+
+def test_the_verdict_is_a_coloured_line_and_the_other_result_is_one_click_away(
+    open_widget, notes, qtbot
+):
+    viewer, w = open_widget()
+    w.mode.setCurrentIndex(2)  # field refinement: it improves on the affine stage here
+    w.steps.setValue(20)
+    w.run()
+    wait_idle(qtbot, w)
+    (first,) = w.records
+    verdict = first.result.verdict
+    assert verdict.word == "improved" and verdict.returned == "result"
+    assert "#3fbf5f" in w.verdict_label.text() and "local NCC" in w.verdict_label.text()
+    assert w.readout.item(0, 0).text() == "verdict" and w.readout.item(0, 3).text() == "improved"
+    assert not w.other_button.isHidden()
+    assert w.other_button.text() == "Show the affine stage's result"
+    w.other_button.click()
+    wait_idle(qtbot, w)
+    assert not [n for n in notes if n.startswith("show_error")], notes
+    second = w.records[-1]
+    assert len(w.records) == 2 and second.name == "run 2 · affine stage of run 1"
+    assert second.result.working_field is None and second.result.verdict.returned == "affine"
+    assert second.result.metrics["mean_dice_after"] == first.result.metrics["mean_dice_affine"]
+    assert w.other_button.text() == "Show the network's result"  # and back, one click
+    assert f"{second.name} · warped" in [layer.name for layer in viewer.layers]
