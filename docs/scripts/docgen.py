@@ -1,0 +1,372 @@
+"""The documentation pages that are generated, so that they cannot drift from the code.
+
+Pure functions from objects to Markdown; ``gen_pages.py`` calls them at build time (through
+mkdocs-gen-files) and ``tests/test_docs.py`` checks them without building the site:
+
+* :func:`cli_reference`: every subcommand and option of ``deepwarp``, from its argparse parser;
+* :func:`model_page`, :func:`models_index`, :func:`checkpoints_page`: one page per registered
+  architecture (its module docstring: the paper and what this implementation chose), and the
+  shipped checkpoints' model cards;
+* :func:`benchmarks_page`: the tables of the benchmark scripts, rendered by the scripts' own
+  ``markdown`` functions from the JSON they wrote into ``docs/benchmarks/data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARK_DATA = ROOT / "docs" / "benchmarks" / "data"
+
+
+def _cell(text: object) -> str:
+    """A Markdown table cell: no pipes, no line breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+# --- command line -----------------------------------------------------------------------------
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``{name: subparser}`` of a parser's subcommands, in the order they were added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _subcommand_help(parser: argparse.ArgumentParser) -> dict[str, str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {a.dest: a.help or "" for a in action._choices_actions}
+    return {}
+
+
+def _argument(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return ""
+    if action.choices is not None:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    if not action.option_strings and action.metavar is None:
+        return ""  # a positional argument: its name says it
+    if isinstance(action.metavar, tuple):
+        return " ".join(action.metavar)
+    name = action.metavar or (action.dest if not action.option_strings else action.dest.upper())
+    if action.nargs in ("+", "*"):
+        return f"{name} ..."
+    if isinstance(action.nargs, int) and action.nargs > 1:
+        return " ".join([name] * action.nargs)
+    return name
+
+
+def _default(action: argparse.Action) -> str:
+    if action.required or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+        return "required" if action.required else ""
+    return f"`{action.default}`"
+
+
+def _help(action: argparse.Action, prog: str) -> str:
+    text = action.help or ""
+    if "%" in text:
+        text = text % {**vars(action), "prog": prog}
+    return text
+
+
+def _options_table(parser: argparse.ArgumentParser) -> list[str]:
+    rows = ["| argument | value | default | what it does |", "|---|---|---|---|"]
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+            continue
+        name = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest}`"
+        value = _argument(action)
+        cells = [
+            name,
+            f"`{value}`" if value else "",
+            _default(action),
+            _help(action, parser.prog),
+        ]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return rows
+
+
+def cli_reference(parser: argparse.ArgumentParser) -> str:
+    """The command line reference: usage, description and a table of options per subcommand."""
+    helps = _subcommand_help(parser)
+    lines = [
+        f"# `{parser.prog}` command line reference",
+        "",
+        (
+            "Generated from the argparse parsers (`napari_deepwarp.cli.build_parser()`) when the "
+            f"documentation is built; `{parser.prog} COMMAND --help` prints the same."
+        ),
+        "",
+        "| command | what it does |",
+        "|---|---|",
+    ]
+    for name in subcommands(parser):
+        lines.append(f"| [`{name}`](#{name}) | {_cell(helps.get(name, ''))} |")
+    for name, sub in subcommands(parser).items():
+        lines += ["", f"## {name} {{#{name}}}", "", helps.get(name, "")]
+        if sub.description:
+            lines += ["", sub.description.strip()]
+        lines += ["", "```text", sub.format_usage().strip(), "```", ""]
+        lines += _options_table(sub)
+    return "\n".join(lines) + "\n"
+
+
+# --- models -----------------------------------------------------------------------------------
+_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|obj):`~?([^`]+)`")
+
+
+def rst_to_markdown(text: str) -> str:
+    """The little reStructuredText our docstrings use, as Markdown: roles become code, ``::``
+    becomes ``:`` (the indented block after it stays a code block)."""
+    text = _ROLE.sub(r"`\1`", text)
+    text = re.sub(r"::\n", ":\n", text)
+    return text
+
+
+def _config_rows(cls) -> list[str]:
+    if not dataclasses.is_dataclass(cls.config_class):
+        return []
+    rows = ["| config field | default |", "|---|---|"]
+    for f in dataclasses.fields(cls.config_class):
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING
+            else "required"
+        )
+        rows.append(f"| `{f.name}` | `{_cell(default)}` |")
+    return rows
+
+
+def _checkpoint_name(path: Path, card: dict) -> str:
+    return card.get("name") or path.stem
+
+
+def model_page(name: str, cls, parameters: int | None, cards: list[tuple[Path, dict]]) -> str:
+    """One architecture: its summary, use, config defaults, the module docstring (paper and the
+    choices this implementation made where the paper is vague), and its shipped checkpoints."""
+    module = inspect.getmodule(cls)
+    doc = inspect.getdoc(module) or ""
+    title, _, body = doc.partition("\n")
+    lines = [
+        f"# `{name}`: {title.strip().rstrip('.')}",
+        "",
+        f"Module `{module.__name__}`, class `{cls.__name__}`."
+        + (f" {parameters:,} parameters at the default config." if parameters else "")
+        + (
+            " Trained for pairs of different contrasts (mutual information)."
+            if cls.multimodal
+            else ""
+        )
+        + f" The working grid must be a multiple of {cls.size_multiple} voxels along each axis"
+        " (`forward` pads other sizes and crops back).",
+        "",
+        "```bash",
+        f"deepwarp register fixed.nii.gz moving.nii.gz -o out/ --model {name}",
+        "```",
+        "",
+        "## Paper and implementation choices",
+        "",
+        (
+            "From the module's docstring: the reference, what the network does, and what this "
+            "implementation chose where the paper is vague."
+        ),
+        "",
+        rst_to_markdown(body.strip()),
+        "",
+        "## Configuration",
+        "",
+        (
+            "Change a field with `deepwarp train --config FIELD=VALUE` (a change that would add or "
+            "reshape a layer is refused when starting from a checkpoint)."
+        ),
+        "",
+        *_config_rows(cls),
+        "",
+        "## Shipped checkpoints",
+        "",
+    ]
+    if not cards:
+        lines.append(
+            "None: the network runs untrained (use `--refine`, or train one, see "
+            "[Training your own model](../guides/training.md))."
+        )
+    for path, card in cards:
+        lines += [f"- [`{path.name}`](checkpoints.md#{_checkpoint_name(path, card)})"]
+    return "\n".join(lines) + "\n"
+
+
+def models_index(models: dict, cards: list[tuple[Path, dict]]) -> str:
+    """The table of architectures: name, summary, shipped checkpoints."""
+    lines = [
+        "# Models",
+        "",
+        (
+            "Every architecture registers itself with the model registry "
+            "(`napari_deepwarp.core.models.registry`); `deepwarp models`, the widget's model list "
+            "and this page come from it. All share one contract: `forward(moving, fixed)` returns "
+            "the pull displacement in voxels (see [Conventions](../conventions.md)) and, where the "
+            "model has them, the affine matrix and the coarser fields; `model.loss(...)` is its "
+            "paper's training loss. `--model affine` runs the affine stage alone."
+        ),
+        "",
+        "| model | what it is | shipped checkpoints |",
+        "|---|---|---|",
+    ]
+    for name, cls in models.items():
+        doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+        summary = cls.description or doc.partition("\n")[0]
+        mine = [
+            f"[`{p.name}`](checkpoints.md#{_checkpoint_name(p, c)})"
+            for p, c in cards
+            if c["architecture"] == name
+        ]
+        lines.append(f"| [`{name}`]({name}.md) | {_cell(summary)} | {', '.join(mine) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+_CARD_SCALARS = (
+    "description",
+    "architecture",
+    "default",
+    "working_shape",
+    "inference_size",
+    "working_spacing_mm",
+    "intensity_preset",
+    "modality",
+    "created",
+    "tuned_on",
+)
+
+
+def checkpoint_card(path: Path, card: dict) -> str:
+    """One checkpoint's model card as Markdown: every field, as the file holds it."""
+    name = _checkpoint_name(path, card)
+    training = dict(card.get("training") or {})
+    command = training.pop("command", None)
+    lines = [
+        f"## `{path.name}` {{#{name}}}",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    for key in _CARD_SCALARS:
+        if key in card:
+            lines.append(f"| {key} | {_cell(json.dumps(card[key]))} |")
+    for key in ("steps", "duration_s", "hardware", "data", "learning_rate", "batch_size"):
+        if key in training:
+            lines.append(f"| training: {key} | {_cell(json.dumps(training.pop(key)))} |")
+    for key, value in (card.get("metrics") or {}).items():
+        lines.append(f"| metrics: {key} | {_cell(json.dumps(value))} |")
+    for key in ("software", "parent"):
+        lines.append(f"| {key} | {_cell(json.dumps(card.get(key)))} |")
+    if command:
+        lines += ["", "Trained with:", "", "```bash", command, "```"]
+    lines += [
+        "",
+        '??? note "Loss, configuration and the rest of the training record"',
+        "",
+        "    ```json",
+        *(
+            "    " + line
+            for line in json.dumps(
+                {"loss": card.get("loss"), "config": card.get("config"), "training": training},
+                indent=2,
+            ).splitlines()
+        ),
+        "    ```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def checkpoints_page(cards: list[tuple[Path, dict]]) -> str:
+    """Every shipped checkpoint's card (``resources/checkpoints/*.pt``)."""
+    lines = [
+        "# Shipped checkpoints",
+        "",
+        (
+            "Generated from the model cards inside `resources/checkpoints/*.pt`, read with the "
+            "project's own checkpoint reader (`torch.load(weights_only=True)`). "
+            "`deepwarp models` prints a one-line summary of each. Without `--model`, "
+            "`deepwarp register` picks the best shipped checkpoint for the pair. The `mindboggle_*` "
+            "metrics were measured by `benchmarks.checkpoints_mindboggle` with the commands "
+            "recorded in `mindboggle_commands`; the training histories behind these checkpoints "
+            "are in [Historical records](../benchmarks/history.md)."
+        ),
+        "",
+    ]
+    return "\n".join(lines) + "\n" + "\n".join(checkpoint_card(p, c) for p, c in cards)
+
+
+# --- benchmarks -------------------------------------------------------------------------------
+def _render_run(report: dict) -> str:
+    from benchmarks.run import markdown
+
+    return markdown(report)
+
+
+def _render_checkpoints(report: dict) -> str:
+    from benchmarks.checkpoints_mindboggle import markdown
+
+    return markdown(report)
+
+
+def _render_affine(report: dict) -> str:
+    from benchmarks.affine_mindboggle import markdown
+
+    return markdown(report["pairs"])
+
+
+#: data file stem (before any ``-label``) -> (title, renderer)
+RENDERERS = {
+    "run": ("Speed and memory, side by side", _render_run),
+    "checkpoints_mindboggle": ("Every shipped checkpoint on Mindboggle", _render_checkpoints),
+    "affine_mindboggle": ("The affine stage on Mindboggle", _render_affine),
+}
+
+
+def _machine(report: dict) -> str:
+    machine = report.get("machine")
+    if isinstance(machine, dict):
+        return ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
+    return str(machine)
+
+
+def benchmarks_page(data: Path = BENCHMARK_DATA) -> str:
+    """One section per JSON file in ``data``: its command, machine, date and table."""
+    lines = [
+        "# Benchmarks measured here",
+        "",
+        (
+            "Every figure on this page is read from a JSON file that a benchmark script wrote "
+            "(`docs/benchmarks/data/`), and rendered by that script's own table function when the "
+            "documentation is built. Each section gives the command, the machine and the date. "
+            "To refresh a section, run its command again (with `--out` pointing into "
+            "`docs/benchmarks/data/`, see [How to run them](running.md)). Older measurements that "
+            "were not re-run are kept, with their commands, in "
+            "[Historical records](history.md)."
+        ),
+        "",
+    ]
+    for path in sorted(data.glob("*.json")):
+        report = json.loads(path.read_text(encoding="utf-8"))
+        title, render = RENDERERS[path.stem.split("-")[0]]
+        lines += [
+            f"## {title}",
+            "",
+            f"- command: `{report.get('command', 'not recorded')}`",
+            f"- machine: {_machine(report)}",
+            f"- date: {report.get('date', 'not recorded')}",
+            f"- data: `docs/benchmarks/data/{path.name}`",
+            "",
+            render(report).strip(),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
