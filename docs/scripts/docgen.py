@@ -4,7 +4,7 @@ Pure functions from objects to Markdown; ``gen_pages.py`` calls them at build ti
 mkdocs-gen-files) and ``tests/test_docs.py`` checks them without building the site:
 
 * :func:`cli_reference`: every subcommand and option of ``deepwarp``, from its argparse parser;
-* :func:`model_page`, :func:`models_index`, :func:`checkpoints_page`: one page per registered
+* :func:`model_page`, :func:`models_table`, :func:`checkpoints_page`: one page per registered
   architecture (its module docstring: the paper and what this implementation chose), and the
   shipped checkpoints' model cards;
 * :func:`benchmarks_page`: the tables of the benchmark scripts, rendered by the scripts' own
@@ -22,6 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK_DATA = ROOT / "docs" / "benchmarks" / "data"
+
+
+def generated_pages(model_names) -> list[str]:
+    """The pages that exist only in the build (``gen_pages.py`` writes exactly these)."""
+    fixed = ["reference/cli.md", "models/checkpoints.md", "benchmarks/index.md"]
+    return fixed + [f"models/{name}.md" for name in model_names]
 
 
 def _cell(text: object) -> str:
@@ -149,16 +155,23 @@ def _checkpoint_name(path: Path, card: dict) -> str:
     return card.get("name") or path.stem
 
 
+def _value(value: object) -> str:
+    """A card value for a table cell: strings as they are, the rest as JSON."""
+    return _cell(value if isinstance(value, str) else json.dumps(value))
+
+
 def model_page(name: str, cls, parameters: int | None, cards: list[tuple[Path, dict]]) -> str:
     """One architecture: its summary, use, config defaults, the module docstring (paper and the
     choices this implementation made where the paper is vague), and its shipped checkpoints."""
     module = inspect.getmodule(cls)
     doc = inspect.getdoc(module) or ""
     title, _, body = doc.partition("\n")
+    display, _, summary = title.strip().rstrip(".").partition(": ")
     lines = [
-        f"# `{name}`: {title.strip().rstrip('.')}",
+        f"# {display}" if summary else f"# `{name}`",
         "",
-        f"Module `{module.__name__}`, class `{cls.__name__}`."
+        *([f"{summary[0].upper()}{summary[1:]}.", ""] if summary else []),
+        f"Registry name `{name}`; module `{module.__name__}`, class `{cls.__name__}`."
         + (f" {parameters:,} parameters at the default config." if parameters else "")
         + (
             " Trained for pairs of different contrasts (mutual information)."
@@ -198,25 +211,21 @@ def model_page(name: str, cls, parameters: int | None, cards: list[tuple[Path, d
             "None: the network runs untrained (use `--refine`, or train one, see "
             "[Training your own model](../guides/training.md))."
         )
+    else:
+        lines.append(
+            "Their model cards, as the files hold them (generated from "
+            "`resources/checkpoints/*.pt`; all shipped checkpoints side by side: "
+            "[Shipped checkpoints](checkpoints.md))."
+        )
     for path, card in cards:
-        lines += [f"- [`{path.name}`](checkpoints.md#{_checkpoint_name(path, card)})"]
+        lines += ["", checkpoint_card(path, card, level=3)]
     return "\n".join(lines) + "\n"
 
 
-def models_index(models: dict, cards: list[tuple[Path, dict]]) -> str:
-    """The table of architectures: name, summary, shipped checkpoints."""
+def models_table(models: dict, cards: list[tuple[Path, dict]]) -> str:
+    """The table of architectures (name, summary, shipped checkpoints), appended to the
+    hand-written ``docs/models/index.md`` at build time."""
     lines = [
-        "# Models",
-        "",
-        (
-            "Every architecture registers itself with the model registry "
-            "(`napari_deepwarp.core.models.registry`); `deepwarp models`, the widget's model list "
-            "and this page come from it. All share one contract: `forward(moving, fixed)` returns "
-            "the pull displacement in voxels (see [Conventions](../conventions.md)) and, where the "
-            "model has them, the affine matrix and the coarser fields; `model.loss(...)` is its "
-            "paper's training loss. `--model affine` runs the affine stage alone."
-        ),
-        "",
         "| model | what it is | shipped checkpoints |",
         "|---|---|---|",
     ]
@@ -224,7 +233,7 @@ def models_index(models: dict, cards: list[tuple[Path, dict]]) -> str:
         doc = inspect.getdoc(inspect.getmodule(cls)) or ""
         summary = cls.description or doc.partition("\n")[0]
         mine = [
-            f"[`{p.name}`](checkpoints.md#{_checkpoint_name(p, c)})"
+            f"[`{p.name}`]({name}.md#{_checkpoint_name(p, c)})"
             for p, c in cards
             if c["architecture"] == name
         ]
@@ -246,27 +255,27 @@ _CARD_SCALARS = (
 )
 
 
-def checkpoint_card(path: Path, card: dict) -> str:
+def checkpoint_card(path: Path, card: dict, level: int = 2) -> str:
     """One checkpoint's model card as Markdown: every field, as the file holds it."""
     name = _checkpoint_name(path, card)
     training = dict(card.get("training") or {})
     command = training.pop("command", None)
     lines = [
-        f"## `{path.name}` {{#{name}}}",
+        f"{'#' * level} `{path.name}` {{#{name}}}",
         "",
         "| field | value |",
         "|---|---|",
     ]
     for key in _CARD_SCALARS:
         if key in card:
-            lines.append(f"| {key} | {_cell(json.dumps(card[key]))} |")
+            lines.append(f"| {key} | {_value(card[key])} |")
     for key in ("steps", "duration_s", "hardware", "data", "learning_rate", "batch_size"):
         if key in training:
-            lines.append(f"| training: {key} | {_cell(json.dumps(training.pop(key)))} |")
+            lines.append(f"| training: {key} | {_value(training.pop(key))} |")
     for key, value in (card.get("metrics") or {}).items():
-        lines.append(f"| metrics: {key} | {_cell(json.dumps(value))} |")
+        lines.append(f"| metrics: {key} | {_value(value)} |")
     for key in ("software", "parent"):
-        lines.append(f"| {key} | {_cell(json.dumps(card.get(key)))} |")
+        lines.append(f"| {key} | {_value(card.get(key))} |")
     if command:
         lines += ["", "Trained with:", "", "```bash", command, "```"]
     lines += [
@@ -286,23 +295,50 @@ def checkpoint_card(path: Path, card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _number(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
 def checkpoints_page(cards: list[tuple[Path, dict]]) -> str:
-    """Every shipped checkpoint's card (``resources/checkpoints/*.pt``)."""
+    """Every shipped checkpoint side by side, from its card (``resources/checkpoints/*.pt``)."""
     lines = [
         "# Shipped checkpoints",
         "",
         (
             "Generated from the model cards inside `resources/checkpoints/*.pt`, read with the "
-            "project's own checkpoint reader (`torch.load(weights_only=True)`). "
+            "project's own checkpoint reader (`torch.load(weights_only=True)`); each model's "
+            "page shows its checkpoints' whole cards, with the exact training command. "
             "`deepwarp models` prints a one-line summary of each. Without `--model`, "
-            "`deepwarp register` picks the best shipped checkpoint for the pair. The `mindboggle_*` "
-            "metrics were measured by `benchmarks.checkpoints_mindboggle` with the commands "
-            "recorded in `mindboggle_commands`; the training histories behind these checkpoints "
-            "are in [Historical records](../benchmarks/history.md)."
+            "`deepwarp register` picks the best shipped checkpoint for the pair. The Mindboggle "
+            "figures were measured by `benchmarks.checkpoints_mindboggle` with the commands each "
+            "card records (`mindboggle_commands`), mean Dice over the ~98 labels; the training "
+            "histories behind these checkpoints are in "
+            "[Historical records](../benchmarks/history.md#shipped-checkpoints)."
         ),
         "",
+        (
+            "| checkpoint | model | trained | runs at | Mindboggle Dice | affine stage alone | "
+            "with `--refine 150` | validation Dice (synthetic) |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    return "\n".join(lines) + "\n" + "\n".join(checkpoint_card(p, c) for p, c in cards)
+    for path, card in cards:
+        metrics, training = card.get("metrics") or {}, card.get("training") or {}
+        name, arch = _checkpoint_name(path, card), card["architecture"]
+        trained = f"{training.get('steps')} steps, {(training.get('duration_s') or 0) / 60:.0f} min"
+        cells = [
+            f"[`{path.name}`]({arch}.md#{name})" + (" (default)" if card.get("default") else ""),
+            f"[`{arch}`]({arch}.md)",
+            trained,
+            str(card.get("inference_size") or "-"),
+            _number(metrics, "mindboggle_mean_dice"),
+            _number(metrics, "mindboggle_mean_dice_affine_stage"),
+            _number(metrics, "mindboggle_mean_dice_refine"),
+            _number(metrics, "validation_mean_dice"),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --- benchmarks -------------------------------------------------------------------------------

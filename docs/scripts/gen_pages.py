@@ -1,6 +1,7 @@
 """mkdocs-gen-files script: writes the generated pages into the site being built (see docgen.py).
 
-Nothing is written into docs/ itself: the pages exist only in the build.
+Nothing is written into docs/ itself: the pages exist only in the build (models/index.md is
+hand-written; its table is appended in the build).
 """
 
 import sys
@@ -28,7 +29,8 @@ write("reference/cli.md", docgen.cli_reference(build_parser()))
 
 models = available_models()
 cards = shipped_checkpoints()
-write("models/index.md", docgen.models_index(models, cards))
+with mkdocs_gen_files.open("models/index.md", "a") as f:  # after the hand-written introduction
+    f.write("\n" + docgen.models_table(models, cards))
 write("models/checkpoints.md", docgen.checkpoints_page(cards))
 for name, cls in models.items():
     parameters = sum(p.numel() for p in create_model(name).parameters())
