@@ -178,8 +178,12 @@ def model_page(name: str, cls, parameters: int | None, cards: list[tuple[Path, d
             if cls.multimodal
             else ""
         )
-        + f" The working grid must be a multiple of {cls.size_multiple} voxels along each axis"
-        " (`forward` pads other sizes and crops back).",
+        + (
+            f" The working grid must be a multiple of {cls.size_multiple} voxels along each axis"
+            " (`forward` pads other sizes and crops back)."
+            if cls.size_multiple > 1
+            else " Any working-grid size works as it is."
+        ),
         "",
         "```bash",
         f"deepwarp register fixed.nii.gz moving.nii.gz -o out/ --model {name}",
@@ -370,9 +374,16 @@ RENDERERS = {
 
 def _machine(report: dict) -> str:
     machine = report.get("machine")
-    if isinstance(machine, dict):
-        return ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None)
-    return str(machine)
+    if not isinstance(machine, dict):  # the benchmarks' one-line form (benchmarks/report.py)
+        return str(machine)
+    m = machine  # benchmarks/run.py's machine_info()
+    load = m.get("load_average_1min")
+    return (
+        f"{m.get('cpu')}, {m.get('cpu_count')} cores, {m.get('memory_gib', '?')} GiB, "
+        f"torch {m.get('torch')}, {m.get('torch_threads')} threads, python {m.get('python')}; "
+        f"CUDA: {m.get('cuda') or 'none'}"
+        + ("" if load is None else f"; load average {load:.1f} at the start")
+    )
 
 
 def benchmarks_page(data: Path = BENCHMARK_DATA) -> str:
@@ -393,9 +404,10 @@ def benchmarks_page(data: Path = BENCHMARK_DATA) -> str:
     ]
     for path in sorted(data.glob("*.json")):
         report = json.loads(path.read_text(encoding="utf-8"))
-        title, render = RENDERERS[path.stem.split("-")[0]]
+        script, _, label = path.stem.partition("-")
+        title, render = RENDERERS[script]
         lines += [
-            f"## {title}",
+            f"## {title}" + (f" ({label})" if label else ""),
             "",
             f"- command: `{report.get('command', 'not recorded')}`",
             f"- machine: {_machine(report)}",
