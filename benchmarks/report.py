@@ -39,6 +39,8 @@ def write(out: str | Path, report: dict, table: str) -> str:
     (its command, machine, date and ``table``); returns the Markdown text. The documentation's
     benchmark pages are generated from such JSON files (``docs/benchmarks/data/``)."""
     report.setdefault("date", today())
+    if hasattr(os, "getloadavg"):  # how busy the machine was when the figures were written
+        report.setdefault("load_average_1min", round(os.getloadavg()[0], 2))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -364,8 +364,15 @@ def _render_affine(report: dict) -> str:
     return markdown(report["pairs"])
 
 
+def _render_multimodal(report: dict) -> str:
+    from benchmarks.multimodal import markdown
+
+    return markdown(report["rows"])
+
+
 #: data file stem (before any ``-label``) -> (title, renderer)
 RENDERERS = {
+    "multimodal": ("Multi-modal pairs (prostate MR/ultrasound, spine T1/T2)", _render_multimodal),
     "run": ("Speed and memory, side by side", _render_run),
     "checkpoints_mindboggle": ("Every shipped checkpoint on Mindboggle", _render_checkpoints),
     "affine_mindboggle": ("The affine stage on Mindboggle", _render_affine),
@@ -375,7 +382,8 @@ RENDERERS = {
 def _machine(report: dict) -> str:
     machine = report.get("machine")
     if not isinstance(machine, dict):  # the benchmarks' one-line form (benchmarks/report.py)
-        return str(machine)
+        load = report.get("load_average_1min")
+        return str(machine) + ("" if load is None else f"; load average {load:.1f} when written")
     m = machine  # benchmarks/run.py's machine_info()
     load = m.get("load_average_1min")
     return (
