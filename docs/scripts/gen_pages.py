@@ -19,10 +19,13 @@ from napari_deepwarp.cli import build_parser
 from napari_deepwarp.core.checkpoint import shipped_checkpoints
 from napari_deepwarp.core.models.registry import available_models, create_model
 
+written = []
+
 
 def write(path: str, text: str) -> None:
     with mkdocs_gen_files.open(path, "w") as f:
         f.write(text)
+    written.append(path)
 
 
 write("reference/cli.md", docgen.cli_reference(build_parser()))
@@ -38,6 +41,8 @@ for name, cls in models.items():
     write(f"models/{name}.md", docgen.model_page(name, cls, parameters, mine))
 
 write("benchmarks/index.md", docgen.benchmarks_page())
+# tests/test_docs.py checks mkdocs.yml's nav against this list
+assert sorted(written) == sorted(docgen.generated_pages(models)), written
 
 # The screenshots that resources/make_screenshots.py makes, used by the widget tour.
 for png in sorted((ROOT / "resources" / "screenshots").glob("*.png")):
