@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from benchmarks import report as report_io
 from napari_deepwarp.core.affine import AffineSettings, run_affine
 from napari_deepwarp.core.volume import Volume
 
@@ -125,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{table}\n\n{mean_row}")
     report = {
+        "command": "python -m benchmarks.affine_mindboggle "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "date": report_io.today(),
+        "machine": report_io.machine(),
         "settings": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()
         },
         "threads": threads,
         "repeats": args.repeats,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "platform": {"platform": platform.platform(), "python": platform.python_version()},
         "simpleitk": sitk.Version.VersionString(),
         "pairs": rows,
         "markdown": table,

@@ -141,7 +141,8 @@ def main() -> None:
         + f"--pairs {args.pairs} --refine-pairs {args.refine_pairs or args.pairs} "
         + f"--finetune-pairs '{args.finetune_pairs}' --finetune-steps '{args.finetune_steps}'"
         + (f" --max-size {args.max_size}" if args.max_size else "")
-        + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else ""),
+        + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else "")
+        + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
         "machine": report_io.machine(args.device),
         "max_size": args.max_size,
         "checkpoints": entries,

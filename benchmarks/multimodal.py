@@ -8,22 +8,22 @@ label maps (prostate gland: the first of the three volumes of the 4D label file,
 temporary 3D file on the image's grid; spinal cord) before, after the affine stage and after,
 folding % and seconds. With ``--refine N`` each checkpoint is also run with ``--refine N``; with
 ``--affine-from-labels`` everything is run again with the affine stage aligning the label maps
-(``--affine-from labels``; Dice is then not an independent check of that stage). Writes JSON and a
-Markdown table to ``--out``. Needs ../shared/data (not shipped).
+(``--affine-from labels``; Dice is then not an independent check of that stage). Writes
+``multimodal.json`` and ``multimodal.md`` into the folder ``--out``. Needs ../shared/data (not
+shipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import SimpleITK as sitk
-import torch
 
+from benchmarks import report as report_io
 from napari_deepwarp.cli import main as deepwarp
 from napari_deepwarp.core.checkpoint import shipped_checkpoints
 
@@ -136,16 +136,12 @@ def main() -> None:
         "command": "python -m benchmarks.multimodal --checkpoints "
         + " ".join(args.checkpoints)
         + (f" --refine {args.refine}" if args.refine else "")
-        + (" --affine-from-labels" if args.affine_from_labels else ""),
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        + (" --affine-from-labels" if args.affine_from_labels else "")
+        + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
+        "machine": report_io.machine(args.device),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "multimodal.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    (out / "multimodal.md").write_text(markdown(rows) + "\n", encoding="utf-8")
-    print(markdown(rows))
+    print(report_io.write(Path(args.out) / "multimodal", report, markdown(rows)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 `deepwarp register` on a Mindboggle pair, and the classical references (ANTs, elastix).
 
     python -m benchmarks.run                 # everything (CPU, and CUDA where present)
-    python -m benchmarks.run --quick         # working size only, shorter classical runs
+    python -m benchmarks.run --quick         # 48^3, one timed run, no compile, no ANTs/elastix
+    python -m benchmarks.run --quick --classical   # ... and the classical references, shortened
     python -m benchmarks.run --update-readme-table
 
 Every figure is the median of ``--repeats`` runs after one warm-up, with torch's threads fixed
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,7 +523,8 @@ def _ratio(row) -> str:
 def markdown(report: dict) -> str:
     mi = report["machine"]
     intro = (
-        f"`{report['command']}` on {mi['cpu']} ({mi['cpu_count']} cores, load "
+        f"`{report['command']}`, {report.get('date', 'date not recorded')}, on {mi['cpu']} "
+        f"({mi['cpu_count']} cores, load "
         f"{mi['load_average_1min']:.1f} at the start), torch {mi['torch']}, "
         f"{mi['torch_threads']} threads; CUDA: {mi['cuda'] or 'none'}. Median of "
         f"{report['repeats']} after a warm-up; seconds."
@@ -705,10 +708,25 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="skip the big size; shorter refs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute: working size 48^3 and no big size, one timed run after the warm-up "
+        "(five for the millisecond building blocks), "
+        "no torch.compile, no ANTs/elastix (unless --classical), no pre-issue-6 warp stage "
+        "(unless --warp-stage)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--working-size", type=int, nargs=3, default=[64, 64, 64])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs after a warm-up (3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--working-size",
+        type=int,
+        nargs=3,
+        default=None,
+        help="models and blocks (64 64 64; 48 48 48 with --quick)",
+    )
     parser.add_argument("--big-size", type=int, nargs=3, default=[160, 192, 224])
     parser.add_argument("--models", default=",".join(available_models()))
     parser.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
@@ -722,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--classical-timeout", type=float, default=900.0)
     parser.add_argument(
+        "--classical", action="store_true", help="with --quick: run ANTs and elastix all the same"
+    )
+    parser.add_argument(
+        "--warp-stage", action="store_true", help="with --quick: time the warp stage all the same"
+    )
+    parser.add_argument(
         "--classical-quick",
         action="store_true",
         help="fewer iterations for ANTs and elastix (implied by --quick)",
@@ -734,7 +758,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-compile", action="store_true", help="variants: leave torch.compile out"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_out"),
+        help="folder for results.json/.md/.png, or a file NAME.json (NAME.md, NAME.png beside it; "
+        "the documentation reads docs/benchmarks/data/run-*.json)",
+    )
     parser.add_argument("--update-readme-table", action="store_true")
     args = parser.parse_args(argv)
     if args.worker:
@@ -742,6 +772,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.working_size is None:
+        args.working_size = [48, 48, 48] if args.quick else [64, 64, 64]
+    if args.quick:
+        args.no_compile = True
+        if not args.classical:
+            skip.add("classical")
+        if not args.warp_stage:
+            skip.add("warp")
     devices = [d for d in args.devices.split(",") if d]
     if "cuda" in devices and not torch.cuda.is_available():
         devices.remove("cuda")
@@ -751,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     have_data = DATA.is_dir()
     report: dict = {
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "skipped_parts": sorted(skip),
         "machine": machine_info(args.threads),
         "repeats": args.repeats,
         "pair": args.pair,
@@ -825,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.threads,
                     size=list(size),
                     device=device,
-                    repeats=args.repeats,
+                    repeats=max(args.repeats, 5) if args.quick else args.repeats,
                 )
                 for size in sizes
             }
@@ -883,15 +926,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             say(f"{tool}: {report['classical'][tool]}")
     report["total_s"] = time.perf_counter() - t_all
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    out = args.out if args.out.suffix == ".json" else args.out / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     table = markdown(report)
-    (args.out / "results.md").write_text(table, encoding="utf-8")
-    plotted = plot(report, args.out / "results.png") if report["models"] else False
+    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    plotted = plot(report, out.with_suffix(".png")) if report["models"] else False
     print(table)
     print(
-        f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
-        + (f", {args.out / 'results.png'}" if plotted else "")
+        f"wrote {out}, {out.with_suffix('.md')}"
+        + (f", {out.with_suffix('.png')}" if plotted else "")
     )
     if args.update_readme_table:
         update_readme(table)
