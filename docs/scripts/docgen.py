@@ -370,8 +370,18 @@ def _render_multimodal(report: dict) -> str:
     return markdown(report["rows"])
 
 
+def _render_verdict(report: dict) -> str:
+    from benchmarks.verdict import table
+
+    return table(report)
+
+
 #: data file stem (before any ``-label``) -> (title, renderer)
 RENDERERS = {
+    "verdict": (
+        "The default run against its affine stage: verdict, guard, --model auto",
+        _render_verdict,
+    ),
     "multimodal": ("Multi-modal pairs (prostate MR/ultrasound, spine T1/T2)", _render_multimodal),
     "run": ("Speed and memory, side by side", _render_run),
     "checkpoints_mindboggle": ("Every shipped checkpoint on Mindboggle", _render_checkpoints),
