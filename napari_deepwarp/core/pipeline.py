@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -434,15 +434,16 @@ def alternative(result: RegistrationResult) -> Generator[Progress, None, Registr
     if result.rejected is not None:
         grid, field_w = result.rejected
         other = yield from _finish(run, grid, field_w, result.model)
-        other.verdict.returned, other.verdict.if_worse = "result", "keep"
-        other.metrics["verdict"] = other.verdict.as_dict()
-        return other
-    if result.working_field is None:
+        other.verdict.if_worse = "keep"  # the user's choice
+    elif result.working_field is None:
         raise ValueError("this result is already the simpler stage's")
-    other = yield from _finish(run, None, None, result.model, judged=result.verdict)
-    other.rejected = (result.working_grid, result.working_field)
-    other.verdict.if_worse = "user's choice"
+    else:
+        other = yield from _finish(run, None, None, result.model, judged=result.verdict)
+        other.rejected = (result.working_grid, result.working_field)
     other.metrics["verdict"] = other.verdict.as_dict()
+    # Its own cost: one warp and the measurements, not the time since the run started.
+    seconds = {k: run.seconds[k] for k in ("warp", "metrics")}
+    other.metrics["seconds"] = {**seconds, "total": sum(seconds.values())}
     return other
 
 
@@ -651,13 +652,11 @@ def _finish(
     yield Progress(0, 1, "measuring", stage="metrics")
     deformable = field_w is not None
     metrics = _metrics(run, full, grid, field_w, deformable)
-    verdict = judged
     if judged is None:
         verdict = _verdict(run, full, metrics, deformable)
-    else:
-        verdict.returned, verdict.if_worse = judged.baseline, run.settings.if_worse
-    if verdict is not None:
-        metrics["verdict"] = verdict.as_dict()
+    else:  # a copy: the judged result keeps its own
+        verdict = replace(judged, returned=judged.baseline, if_worse=run.settings.if_worse)
+    metrics["verdict"] = verdict.as_dict()
     if run.auto is not None:
         metrics["auto"] = run.auto
     run.seconds["metrics"] = time.perf_counter() - t
@@ -757,7 +756,7 @@ def _verdict(run: _Run, full: FullResolution, metrics: dict, deformable: bool) -
         name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result
     )
     p1, p99 = M.jacobian_percentiles(full.jacobian[s, s, s], check.mask)
-    modality = {"multimodal": check.modality.multimodal, "reason": check.modality.reason}
+    modality = asdict(check.modality)
     return V.Verdict(
         word=word,
         reason=reason,

@@ -129,7 +129,9 @@ def test_the_guard_hands_back_the_affine_stage_and_keeps_the_network_one_call_aw
     assert other.metrics["mean_dice_after"] == pytest.approx(v["dice_result"])
     assert other.metrics["mean_dice_after"] < result.metrics["mean_dice_after"]
     back = run_generator(alternative(other))[1]  # and back to the affine stage's
-    assert back.working_field is None
+    assert back.working_field is None and back.verdict.returned == "affine"
+    assert other.verdict.returned == "result"  # each result keeps its own verdict
+    assert back.metrics["seconds"]["total"] < result.metrics["seconds"]["total"]
 
 
 def test_keep_returns_the_worse_result_with_its_verdict_and_fail_raises():
