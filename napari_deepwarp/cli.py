@@ -67,6 +67,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            if not sys.stderr.isatty():  # a log file: end the bar's line (each update drew it)
+                print(file=sys.stderr)
 
 
 def drain(generator, quiet: bool = False):

@@ -58,6 +58,14 @@ def pair(tmp_path):
     return tmp_path, f, m
 
 
+@pytest.fixture
+def mono_pair(tmp_path):
+    """One anatomy and contrast on two grids: a one-modality pair for ``--model auto``."""
+    f = phantom(tmp_path / "fixed.nii.gz", (36, 32, 24), (1.2, 1.0, 1.5), (0, 0, 0), 10, 1)
+    m = phantom(tmp_path / "moving.mha", (34, 34, 22), (1.1, 1.1, 1.6), (1, -1, 0.5), -5, 1)
+    return tmp_path, f, m
+
+
 def test_register_writes_every_output_on_the_fixed_grid(pair, capsys):
     d, f, m = pair
     out = d / "out"
@@ -350,14 +358,14 @@ def shipped(tmp_path, monkeypatch):
     return folder / "vm_test.pt"
 
 
-def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, capsys):
+def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(mono_pair, shipped, capsys):
     from napari_deepwarp.core.checkpoint import read_card
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "vm_test.pt (default); synthetic pairs; 7 steps; shape 32x32x32" in out
     assert "validation Dice 0.500" in out and "no shipped checkpoint" in out  # other models
-    d, f, m = pair
+    d, f, m = mono_pair
     assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
     metrics = json.loads((d / "o" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["model"] == "voxelmorph"
@@ -382,20 +390,20 @@ def test_defaults_use_the_shipped_checkpoint_and_models_lists_it(pair, shipped, 
     )
 
 
-def test_a_cards_inference_size_sets_the_default_working_grid(pair, shipped, capsys):
+def test_a_cards_inference_size_sets_the_default_working_grid(mono_pair, shipped, capsys):
     from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(shipped)
     save_checkpoint(shipped, model, {**card, "inference_size": 48})
     assert main(["models"]) == 0
     assert "shape 32x32x32; runs at 48 voxels" in capsys.readouterr().out
-    d, f, m = pair
+    d, f, m = mono_pair
     assert main(["register", str(f), str(m), "-o", str(d / "o"), "--device", "cpu", "-q"]) == 0
     metrics = json.loads((d / "o" / "metrics.json").read_text(encoding="utf-8"))
     assert max(metrics["working_grid"]["shape_zyx"]) == 48
 
 
-def test_a_checkpoint_below_the_affine_stage_is_flagged(pair, shipped, capsys):
+def test_a_checkpoint_below_the_affine_stage_is_flagged(mono_pair, shipped, capsys):
     from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
 
     model, card = load_checkpoint(shipped)
@@ -405,7 +413,7 @@ def test_a_checkpoint_below_the_affine_stage_is_flagged(pair, shipped, capsys):
     out = capsys.readouterr().out
     assert "Mindboggle Dice 0.400 (affine stage alone 0.419)" in out
     assert "not clearly above the affine stage: use with --refine" in out
-    d, f, m = pair
+    d, f, m = mono_pair
     run = ["register", str(f), str(m), "--device", "cpu", "-q"]
     assert main([*run, "-o", str(d / "o")]) == 0
     assert (
