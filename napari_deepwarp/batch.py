@@ -216,6 +216,7 @@ def run_batch(args, progress=print) -> int:
     from napari_deepwarp.core.checkpoint import CheckpointError
     from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
     from napari_deepwarp.core.io import InputError
+    from napari_deepwarp.core.label_names import name_labels, read_label_names
     from napari_deepwarp.core.models.registry import create_model
     from napari_deepwarp.core.pipeline import (
         AFFINE_ONLY,
@@ -226,6 +227,7 @@ def run_batch(args, progress=print) -> int:
     )
 
     pairs = read_pairs(args.pairs)
+    names = read_label_names(args.label_names) if getattr(args, "label_names", None) else None
     rank, world = _shard()
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("DEEPWARP_RUN_ID") or ""
     outroot = Path(args.output)
@@ -266,6 +268,7 @@ def run_batch(args, progress=print) -> int:
             try:
                 volumes = current.result()
                 result = drain(with_oom_fallback(_runner(register, volumes, model), settings), True)
+                name_labels(result.metrics, names)  # --label-names
                 write_result(result, outroot / pair.name)
                 seconds = time.perf_counter() - start
                 rows.append(_row(pair, "ok", result.metrics, seconds))
@@ -370,6 +373,12 @@ def add_register_batch(sub) -> None:
     p.add_argument("pairs", help="CSV: fixed,moving[,fixed_labels,moving_labels[,name]] per row")
     p.add_argument("-o", "--output", required=True, help="output root: one folder per pair")
     add_method_options(p)
+    p.add_argument(
+        "--label-names",
+        metavar="FILE",
+        help="colour table naming the labels (FreeSurfer LUT, 3D Slicer .ctbl/.txt, ITK-SNAP "
+        "label descriptions): names beside each label's Dice in each pair's metrics.json",
+    )
     p.add_argument(
         "--merge-timeout",
         type=positive_float,

@@ -93,6 +93,12 @@ def _add_register(sub) -> None:
     p.add_argument("--fixed-labels", help="label map on the fixed image (for Dice)")
     p.add_argument("--moving-labels", help="label map on the moving image (propagated)")
     p.add_argument(
+        "--label-names",
+        metavar="FILE",
+        help="colour table naming the labels (FreeSurfer LUT, 3D Slicer .ctbl/.txt, ITK-SNAP "
+        "label descriptions): names beside each label's Dice in metrics.json",
+    )
+    p.add_argument(
         "--landmarks",
         nargs=2,
         metavar=("FIXED_POINTS", "MOVING_POINTS"),
@@ -114,19 +120,59 @@ def _add_register(sub) -> None:
     p.set_defaults(func=cmd_register)
 
 
-def cmd_register(args) -> int:
-    from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
-    from napari_deepwarp.core.io import InputError, read_landmarks, read_volume
-    from napari_deepwarp.core.pipeline import WorseThanBaseline, register, write_result
+def read_inputs(paths: dict, pool):
+    """Start reading ``{name: (path or None, labels)}`` in ``pool`` after checking every file's
+    header here (a missing or unreadable file fails at once, before torch is imported); returns
+    a function that waits for them and gives ``({name: Volume or None}, seconds waited)``."""
+    import time
 
-    settings, model = settings_and_model(args)
-    if args.save_finetuned and settings.finetune.steps == 0:
-        raise InputError("--save-finetuned needs --finetune STEPS (there is nothing tuned to save)")
-    fixed = read_volume(args.fixed)
-    moving = read_volume(args.moving)
-    fixed_labels = read_volume(args.fixed_labels, labels=True) if args.fixed_labels else None
-    moving_labels = read_volume(args.moving_labels, labels=True) if args.moving_labels else None
+    from napari_deepwarp.core.io import read_header, read_volume
+
+    for path, _ in paths.values():
+        if path is not None:
+            read_header(path)
+    futures = {
+        name: None if path is None else pool.submit(read_volume, path, labels=labels)
+        for name, (path, labels) in paths.items()
+    }
+
+    def wait() -> tuple[dict, float]:
+        start = time.perf_counter()
+        volumes = {name: f if f is None else f.result() for name, f in futures.items()}
+        return volumes, time.perf_counter() - start
+
+    return wait
+
+
+def cmd_register(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_deepwarp.core.io import InputError, read_landmarks
+    from napari_deepwarp.core.label_names import name_labels, read_label_names
+
+    paths = {
+        "fixed": (args.fixed, False),
+        "moving": (args.moving, False),
+        "fixed_labels": (args.fixed_labels, True),
+        "moving_labels": (args.moving_labels, True),
+    }
     points = [read_landmarks(path) for path in args.landmarks] if args.landmarks else [None, None]
+    names = read_label_names(args.label_names) if args.label_names else None
+    # The volumes are read (SimpleITK and ISA-L let go of the GIL) while torch is imported and
+    # the network loaded.
+    with ThreadPoolExecutor(2, thread_name_prefix="deepwarp-read") as pool:
+        wait = read_inputs(paths, pool)
+        from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
+        from napari_deepwarp.core.pipeline import WorseThanBaseline, register, write_result
+
+        settings, model = settings_and_model(args)
+        if args.save_finetuned and settings.finetune.steps == 0:
+            raise InputError(
+                "--save-finetuned needs --finetune STEPS (there is nothing tuned to save)"
+            )
+        volumes, waited = wait()
+    fixed, moving = volumes["fixed"], volumes["moving"]
+    fixed_labels, moving_labels = volumes["fixed_labels"], volumes["moving_labels"]
 
     def run(s):
         return register(fixed, moving, s, model, fixed_labels, moving_labels, *points)
@@ -138,8 +184,10 @@ def cmd_register(args) -> int:
         print(f"deepwarp: {exc}; nothing written (--if-worse fail)", file=sys.stderr)
         return EXIT_WORSE
     release_memory(settings.device)
+    result.metrics["seconds"]["read_wait"] = waited  # reading not hidden behind the imports
     if result.metrics.get("auto", {}).get("path"):
         args.resolved_checkpoint = result.metrics["auto"]["path"]  # the parent of --save-finetuned
+    name_labels(result.metrics, names)  # --label-names: structure names in metrics.json
     written = write_result(result, args.output)
     if args.save_finetuned:
         written.append(_save_finetuned(args, result))
@@ -591,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         errors: tuple[type[BaseException], ...] = (InputError,)
-        from napari_deepwarp.core.checkpoint import CheckpointError
+        from napari_deepwarp.core.errors import CheckpointError
 
         errors = (InputError, CheckpointError)
     except ImportError:

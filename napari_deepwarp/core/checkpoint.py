@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from napari_deepwarp.core.errors import CheckpointError
 from napari_deepwarp.core.models.registry import (
     RegistrationModel,
     available_models,
@@ -86,10 +87,6 @@ CARD_FIELDS = (
 TRAINING_FIELDS = ("data", "steps", "command", "hardware", "duration_s")
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint; the message names the file and the field."""
 
 
 # --- small helpers ---------------------------------------------------------------------------

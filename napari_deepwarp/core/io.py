@@ -59,13 +59,28 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     rather than read with zeros in place of the missing voxels, as SimpleITK would.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if path.is_dir():
+    reader = read_header(path)
+    if reader is None:
         try:
             return _read_dicom_series(path)
         except RuntimeError as exc:
             raise _unreadable(path, exc) from None
+    check_complete(path, reader)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_header(path: str | os.PathLike) -> sitk.ImageFileReader | None:
+    """The reader of an image file with its header read (None for a folder, a DICOM series):
+    refuses a missing or unreadable file and an image larger than the memory available, in
+    milliseconds, before its data is read (and, in the CLI, before torch is imported)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return None
     if not path.is_file():
         raise InputError(f"{path}: not a regular file; give an image file or a DICOM folder")
     reader = sitk.ImageFileReader()
@@ -77,11 +92,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             check_gzip(path)  # a corrupt stream says so rather than "cannot read"
         raise _unreadable(path, exc) from None
     check_memory(path, reader)
-    check_complete(path, reader)
-    try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise _unreadable(path, exc) from None
+    return reader
 
 
 def _unreadable(path: Path, exc: RuntimeError) -> InputError:

@@ -270,8 +270,10 @@ def hd95_per_label(
 # --------------------------------------------------------------------------------------------
 
 
-def _masked(values, mask) -> torch.Tensor:
-    t = _float(values)
+def _masked(values, mask, convert: bool = True) -> torch.Tensor:
+    """``values`` inside ``mask`` (all of them when None), flat; in float64 unless not
+    ``convert`` (then in their own dtype, without a copy where no mask is given)."""
+    t = _float(values) if convert else _tensor(values)
     if mask is None:
         return t.reshape(-1)
     m = _tensor(mask).to(device=t.device, dtype=torch.bool)
@@ -283,7 +285,7 @@ def folding_percent(jac_det, mask=None) -> float:
 
     ``mask`` (bool) must broadcast to ``jac_det``'s shape. NaN when no voxel is counted.
     """
-    v = _masked(jac_det, mask)
+    v = _masked(jac_det, mask, convert=False)  # a count: no float64 copy of a full-size field
     if v.numel() == 0:
         return math.nan
     return float(100.0 * (v <= 0).sum().item() / v.numel())
@@ -295,10 +297,12 @@ def sdlogj(jac_det, mask=None, clip: float = 1e-9) -> float:
     Determinants are clipped to ``>= 1e-9`` before the log, so folded voxels count as
     ``log(1e-9) ~ -20.7`` and raise SDlogJ sharply rather than giving NaN.
     """
-    v = _masked(jac_det, mask)
+    v = _masked(jac_det, mask, convert=False)
     if v.numel() == 0:
         return math.nan
-    return float(torch.log(torch.clamp(v, min=clip)).std(unbiased=False))
+    logs = torch.log(torch.clamp(v.float(), min=clip))  # float32 logs, float64 statistics
+    centred = logs - logs.double().mean().float()
+    return float(torch.linalg.vector_norm(centred, dtype=torch.float64) / math.sqrt(v.numel()))
 
 
 def jacobian_percentiles(jac_det, mask=None, q: Sequence[float] = (1.0, 99.0)) -> list[float]:
@@ -380,10 +384,12 @@ def local_ncc(a, b, window: int = 9, mask=None) -> float:
     if given; in ``[0, 1]``, NaN when the mask is empty. See :func:`losses.local_ncc_map`."""
     from napari_deepwarp.core.losses import local_ncc_map
 
-    ta, tb = _pair(a, b)
-    cc = local_ncc_map(ta[None, None].float(), tb[None, None].float(), window)[0, 0]
-    v = _masked(cc, mask)
-    return float(v.mean()) if v.numel() else math.nan
+    _same_shape(a, b)
+    ta, tb = (_tensor(x).float()[None, None] for x in (a, b))  # float32: box sums of ~1M voxels
+    cc = local_ncc_map(ta, tb.to(ta.device), window)[0, 0]
+    if mask is not None:
+        cc = cc[_tensor(mask).to(device=cc.device, dtype=torch.bool)]
+    return float(cc.double().mean()) if cc.numel() else math.nan
 
 
 def _bin_index(t: torch.Tensor, bins: int) -> torch.Tensor:

@@ -127,6 +127,7 @@ def finetuned_run():
         device="cpu",
         max_size=32,
         finetune=FinetuneSettings(steps=6, patience=100),
+        if_worse="keep",  # 6 steps from an untrained network: the files of its own result
     )
     result = drain(register(fixed, moving, settings, None, fixed_labels, moving_labels))
     result.moving_labels_array = moving_labels.array
