@@ -269,7 +269,7 @@ def run_batch(args, progress=print) -> int:
                 volumes = current.result()
                 result = drain(with_oom_fallback(_runner(register, volumes, model), settings), True)
                 name_labels(result.metrics, names)  # --label-names
-                write_result(result, outroot / pair.name)
+                write_result(result, outroot / pair.name, args.outputs)
                 seconds = time.perf_counter() - start
                 rows.append(_row(pair, "ok", result.metrics, seconds))
                 say(f"{tag}: {_describe(result.metrics)}, {seconds:.1f} s")

@@ -188,7 +188,7 @@ def cmd_register(args) -> int:
     if result.metrics.get("auto", {}).get("path"):
         args.resolved_checkpoint = result.metrics["auto"]["path"]  # the parent of --save-finetuned
     name_labels(result.metrics, names)  # --label-names: structure names in metrics.json
-    written = write_result(result, args.output)
+    written = write_result(result, args.output, args.outputs)
     if args.save_finetuned:
         written.append(_save_finetuned(args, result))
     report_choices(result.metrics, args.quiet)

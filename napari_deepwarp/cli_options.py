@@ -8,6 +8,7 @@ import sys
 from napari_deepwarp.cli_types import (
     non_negative_float,
     non_negative_int,
+    output_names,
     positive_float,
     positive_int,
 )
@@ -106,6 +107,15 @@ def add_method_options(p) -> None:
         default=None,
         help="largest working-grid side when the spacing is chosen automatically (default: the "
         "checkpoint's training size, or 96 with --refine or without a checkpoint)",
+    )
+    p.add_argument(
+        "--outputs",
+        type=output_names,
+        default=None,
+        metavar="NAMES",
+        help="write only these files, comma-separated: warped, labels, displacement, transform, "
+        "metrics (default: all; leaving out the displacement field saves most of the writing "
+        "time)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -58,3 +58,18 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value:g} is negative; give 0 or more")
     return value
+
+
+#: the files ``deepwarp register --outputs`` can name (as ``pipeline.OUTPUTS``, without torch)
+OUTPUT_NAMES = ("warped", "labels", "displacement", "transform", "metrics")
+
+
+def output_names(text: str) -> list[str]:
+    """``warped,transform`` -> ``["warped", "transform"]``, each one of :data:`OUTPUT_NAMES`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name one or more of {', '.join(OUTPUT_NAMES)}, comma-separated"
+        )
+    return names

@@ -436,3 +436,14 @@ def test_affine_from_labels_needs_both_label_maps(pair, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "label maps on both sides" in err and "\n" not in err
+
+
+def test_outputs_writes_only_the_files_asked_for(pair, capsys):
+    d, f, m = pair
+    args = ["register", str(f), str(m), "--model", "affine", "-q"]
+    assert main([*args, "-o", str(d / "some"), "--outputs", "warped,metrics"]) == 0
+    assert sorted(p.name for p in (d / "some").iterdir()) == ["metrics.json", "warped.nii.gz"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "-o", str(d / "bad"), "--outputs", "warped,nonsense"])
+    assert exit_.value.code == 2 and "name one or more of warped" in capsys.readouterr().err
+    assert not (d / "bad").exists()

@@ -105,7 +105,8 @@ class RegistrationResult:
     """Everything a run produces, on the fixed image's grid unless said otherwise.
 
     displacement: ``(z, y, x, 3)`` float32, (x, y, z) mm, fixed points -> moving points (total).
-    deformation: the same without the affine part (``d`` above), for the composite transform.
+    deformation: the same without the affine part (``d`` above); None until
+    :func:`deformation_of` computes it.
     jacobian: ``(z, y, x)`` determinant of the total map. working_field: ``(1, 3, D, H, W)`` voxels
     on ``working_grid`` (None for affine only).
     """
@@ -114,7 +115,7 @@ class RegistrationResult:
     moving: Volume
     warped: Volume
     displacement: np.ndarray
-    deformation: np.ndarray
+    deformation: np.ndarray | None
     affine: sitk.AffineTransform | None
     jacobian: np.ndarray
     metrics: dict
@@ -220,7 +221,7 @@ class FullResolution:
     warped: Volume
     warped_labels: Volume | None
     displacement: np.ndarray
-    deformation: np.ndarray
+    deformation: np.ndarray | None
     jacobian: np.ndarray
 
 
@@ -232,6 +233,7 @@ def warp_full_resolution(
     moving: Volume,
     moving_labels: Volume | None,
     device,
+    with_deformation: bool = True,
 ) -> FullResolution:
     """The warp stage in one pass: same results as :func:`physical_map` + :func:`warp_volume`
     (image, labels) + ``y - x``, ``x + d - x`` and ``jacobian_determinant`` of the total map in
@@ -242,6 +244,7 @@ def warp_full_resolution(
     per voxel only ``u``, the moving positions (shared by image and labels, with ITK's inside
     mask), the displacement and ``det(B + C grad u) = det(C) det(C^-1 B + grad u)`` are computed.
     displacement / deformation: ``(z, y, x, 3)`` float32 (x, y, z) mm; jacobian ``(z, y, x)``.
+    ``with_deformation=False`` leaves the deformation out (None; see :func:`deformation_of`).
     """
     from napari_deepwarp.core.spatial import affine_points, sample_many_at
 
@@ -285,11 +288,9 @@ def warp_full_resolution(
         disp.view(-1, 3).addmm_(u.reshape(3, -1).T, linear.T)
     displacement = disp[0].cpu().numpy()
     del disp
-    if u is None:
-        deformation = np.zeros((*shape, 3), np.float32)
-    else:
-        s_t = torch.as_tensor(step, dtype=torch.float32, device=u.device)
-        deformation = torch.mm(u.reshape(3, -1).T, s_t.T).view(*shape, 3).cpu().numpy()
+    deformation = None
+    if with_deformation:
+        deformation = _deformation_mm(u, step, shape)
     # Total map in fixed voxels: I + grad u_vox = B + C grad u with B = W_f A M_f, C = W_f A S.
     w_fixed = fixed.world_to_index_matrix()[:3, :3]
     b = w_fixed @ a[:3, :3] @ m_fixed[:3, :3]
@@ -300,6 +301,29 @@ def warp_full_resolution(
         det = jacobian_determinant(u, base=np.linalg.solve(c, b))
         jacobian = det.mul_(float(np.linalg.det(c)))[0, 0].cpu().numpy()
     return FullResolution(warped, warped_labels, displacement, deformation, jacobian)
+
+
+def _deformation_mm(u: torch.Tensor | None, step: np.ndarray, shape) -> np.ndarray:
+    """``S u`` at every fixed voxel: ``(z, y, x, 3)`` float32 (x, y, z) mm (zeros without u)."""
+    if u is None:
+        return np.zeros((*shape, 3), np.float32)
+    s_t = torch.as_tensor(step, dtype=torch.float32, device=u.device)
+    return torch.mm(u.reshape(3, -1).T, s_t.T).view(*shape, 3).cpu().numpy()
+
+
+def deformation_of(result: RegistrationResult) -> np.ndarray:
+    """The result's deformation ``d`` (the map without its affine part) on the fixed grid,
+    ``(z, y, x, 3)`` float32 (x, y, z) mm: computed on first use and kept in
+    ``result.deformation`` (a run does not make these 120 MB for a brain unless asked, e.g.
+    for the fixed labels taken into moving space)."""
+    if result.deformation is None:
+        step, u = np.zeros((3, 3)), None
+        if result.working_field is not None:
+            grid, field_w = result.working_grid, result.working_field
+            u = _working_field_on(result.fixed.grid, grid, field_w, field_w.device)
+            step = grid.index_to_world_matrix()[:3, :3]
+        result.deformation = _deformation_mm(u, step, result.fixed.shape)
+    return result.deformation
 
 
 def working_field_image(fixed: Grid, working: Grid, working_field: torch.Tensor) -> sitk.Image:
@@ -645,7 +669,7 @@ def _finish(
     t = time.perf_counter()
     yield Progress(0, 1, "warping at full resolution", stage="warp")
     full = warp_full_resolution(
-        fixed.grid, run.affine, grid, field_w, moving, run.moving_labels, device
+        fixed.grid, run.affine, grid, field_w, moving, run.moving_labels, device, False
     )
     run.seconds["warp"] = time.perf_counter() - t
 
@@ -836,22 +860,26 @@ def _mean(per_label: dict, key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-OUTPUT_FILES = (
-    "warped.nii.gz",
-    "warped_labels.nii.gz",
-    "displacement.nii.gz",
-    "transform.h5",
-    "metrics.json",
-)
+#: what ``write_result`` can write: output name -> file name
+OUTPUTS = {
+    "warped": "warped.nii.gz",
+    "labels": "warped_labels.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "transform": "transform.h5",
+    "metrics": "metrics.json",
+}
+OUTPUT_FILES = tuple(OUTPUTS.values())
 
 
-def write_result(result: RegistrationResult, outdir) -> list:
+def write_result(result: RegistrationResult, outdir, outputs=None) -> list:
     """Write a run's files into ``outdir`` atomically: all of them appear, or none.
 
     warped.nii.gz, warped_labels.nii.gz (with moving labels), displacement.nii.gz (the total
     physical field on the fixed grid), transform.h5 (the affine + the deformation as an ITK
     composite; its field is on the working grid, see :func:`working_field_image`; an
-    affine-only run has no field), metrics.json.
+    affine-only run has no field), metrics.json. ``outputs``: the names of :data:`OUTPUTS` to
+    write (None: all); the rest is not written (nor compressed: the displacement field's gzip is
+    most of the writing time).
     """
     import json
     import shutil
@@ -861,6 +889,12 @@ def write_result(result: RegistrationResult, outdir) -> list:
 
     from napari_deepwarp.core import io
 
+    wanted = set(OUTPUTS if outputs is None else outputs)
+    unknown = wanted - set(OUTPUTS)
+    if unknown:
+        raise InputError(
+            f"unknown output(s) {', '.join(sorted(unknown))}; choose from {', '.join(OUTPUTS)}"
+        )
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=outdir))
@@ -873,23 +907,29 @@ def write_result(result: RegistrationResult, outdir) -> list:
         io.write_transform(io.composite_transform(result.affine, field), staging / "transform.h5")
 
     def images():
-        io.write_volume(result.warped, staging / "warped.nii.gz")
-        if result.warped_labels is not None:
-            io.write_volume(result.warped_labels, staging / "warped_labels.nii.gz")
-        transform_file()
+        if "warped" in wanted:
+            io.write_volume(result.warped, staging / OUTPUTS["warped"])
+        if "labels" in wanted and result.warped_labels is not None:
+            io.write_volume(result.warped_labels, staging / OUTPUTS["labels"])
+        if "transform" in wanted:
+            transform_file()
 
     try:
         # The gzip of the (incompressible) displacement field takes most of the time; SimpleITK
         # lets go of the GIL while it writes, so the other files are written meanwhile.
         with ThreadPoolExecutor(1) as pool:
-            field_written = pool.submit(
-                io.write_field, result.displacement, grid, staging / "displacement.nii.gz"
-            )
+            field_written = None
+            if "displacement" in wanted:
+                field_written = pool.submit(
+                    io.write_field, result.displacement, grid, staging / OUTPUTS["displacement"]
+                )
             images()
-            field_written.result()
-        (staging / "metrics.json").write_text(
-            json.dumps(result.metrics, indent=2), encoding="utf-8"
-        )
+            if field_written is not None:
+                field_written.result()
+        if "metrics" in wanted:
+            (staging / OUTPUTS["metrics"]).write_text(
+                json.dumps(result.metrics, indent=2), encoding="utf-8"
+            )
         written = []
         for f in sorted(staging.iterdir()):
             target = outdir / f.name

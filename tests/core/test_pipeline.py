@@ -14,6 +14,7 @@ from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.pipeline import (
     AFFINE_ONLY,
     RegistrationSettings,
+    deformation_of,
     physical_map,
     register,
     write_result,
@@ -167,7 +168,7 @@ def test_exported_field_reproduces_the_warp_in_simpleitk(finetuned_run, tmp_path
     assert np.allclose(h5_field.GetSpacing(), r.working_grid.spacing)
     deformation = sitk.DisplacementFieldTransform(composite.GetNthTransform(1))
     world = FIXED_GRID.corners_world().tolist() + points_inside(FIXED_GRID, 50)[0].tolist()
-    flat = r.deformation.reshape(-1, 3)
+    flat = deformation_of(r).reshape(-1, 3)
     to_index = FIXED_GRID.world_to_index_matrix()
     for p in world:
         idx = np.rint(to_index[:3, :3] @ p + to_index[:3, 3]).astype(int)
