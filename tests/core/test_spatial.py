@@ -282,3 +282,15 @@ def test_jacobian_with_a_base_matrix_is_the_determinant_of_the_composed_map():
     assert torch.allclose(spatial.jacobian_determinant(u, base=b)[0, 0], expected, atol=1e-12)
     identity = torch.linalg.det(grad.permute(2, 3, 4, 0, 1) + torch.eye(3, dtype=u.dtype))
     assert torch.allclose(spatial.jacobian_determinant(u)[0, 0], identity, atol=1e-12)
+
+
+def test_the_jacobian_in_slabs_equals_the_whole_volumes(monkeypatch):
+    """Large grids are done in z slabs with a one-slice halo: exactly the same determinant."""
+    from napari_deepwarp.core import spatial
+
+    torch.manual_seed(0)
+    u = torch.randn(1, 3, 23, 16, 20) * 0.5
+    base = np.array([[1.1, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.0]])
+    whole = spatial.jacobian_determinant(u, base)
+    monkeypatch.setattr(spatial, "SLAB_VOXELS", 16 * 20 * 4)  # slabs of 4 slices
+    assert torch.equal(spatial.jacobian_determinant(u, base), whole)
