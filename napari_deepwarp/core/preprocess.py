@@ -181,17 +181,34 @@ def antialias_sigmas(source_spacing, target_spacing: float) -> list[float]:
     return [0.5 * math.sqrt(max(0.0, target_spacing**2 - s**2)) for s in source_spacing]
 
 
-def _antialiased(vol: Volume, target_spacing: float) -> sitk.Image:
+def _crop(img: sitk.Image, region, sigmas, spacing) -> sitk.Image:
+    """``img`` cut to the voxel box ``region`` ``(lo, hi)`` (z, y, x) grown by four ``sigmas``
+    (mm, per x, y, z axis) and two voxels, geometry kept (``sitk.RegionOfInterest``)."""
+    lo, hi = (np.asarray(v, dtype=np.float64)[::-1] for v in region)  # (x, y, z)
+    margin = np.ceil(4 * np.asarray(sigmas) / np.asarray(spacing)) + 2
+    size = np.array(img.GetSize())
+    start = np.clip(np.floor(lo - margin), 0, size - 1).astype(int)
+    stop = np.clip(np.ceil(hi + margin), 0, size - 1).astype(int)
+    if np.all(start == 0) and np.all(stop == size - 1):
+        return img
+    return sitk.RegionOfInterest(img, [int(v) for v in stop - start + 1], [int(v) for v in start])
+
+
+def _antialiased(vol: Volume, target_spacing: float, region=None) -> sitk.Image:
     """``vol`` (float32) with the blur of :func:`antialias_sigmas`, made cheaply: a block mean
-    over ``floor(target / source)`` voxels per axis first (``sitk.BinShrink``, which keeps the
-    physical geometry; the block never exceeds a working voxel), then a Gaussian for the
-    variance the block mean has not given. On a 1 mm brain for a 2.7 mm grid: a 2-voxel block
-    and a Gaussian on the 8x smaller image, 0.10 s instead of 0.48 s with no block, Dice within
-    0.0004 on three Mindboggle pairs."""
+    over ``floor(target / 2 source)`` voxels per axis first (``sitk.BinShrink``, which keeps the
+    physical geometry), then a Gaussian for the variance the block mean has not given.
+    ``region``: ``(lo, hi)`` voxel indices (z, y, x) of the part that is needed: only it, and
+    four sigmas around it, is blurred (a brain's foreground box rather than its whole volume).
+
+    A larger block (``floor(target / source)``, 5x faster for a 2.7 mm grid) kept the network's
+    Dice but moved ``--refine 150`` by up to -0.005 on Mindboggle 3<-4: not used."""
     img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+    if region is not None:
+        img = _crop(img, region, antialias_sigmas(vol.spacing, target_spacing), vol.spacing)
     sigmas = antialias_sigmas(vol.spacing, target_spacing)
     factors = [
-        max(1, min(int(target_spacing / s), n))
+        max(1, min(int(target_spacing / (2 * s)), n))
         for s, n in zip(vol.spacing, img.GetSize(), strict=True)
     ]
     if max(factors) > 1:
@@ -218,5 +235,17 @@ def network_input(
     doc), resampled through ``transform`` (grid points -> ``vol`` points), scaled by ``window``
     to [0, 1]. Returns float32 ``(z, y, x)`` of ``grid.shape``."""
     if max(antialias_sigmas(vol.spacing, grid.spacing[0])) > 0:
-        vol = Volume.from_sitk(_antialiased(vol, grid.spacing[0]), vol.name)
+        region = _region_of(vol.grid, grid, transform)
+        vol = Volume.from_sitk(_antialiased(vol, grid.spacing[0], region), vol.name)
     return apply_window(resample(vol, grid, transform).array, window)
+
+
+def _region_of(vol_grid: Grid, grid: Grid, transform: sitk.Transform | None):
+    """``(lo, hi)`` voxel indices (z, y, x) of ``vol_grid`` that ``grid``'s points reach through
+    ``transform`` (an affine: the box of the mapped corners bounds them all)."""
+    corners = grid.corners_world()
+    if transform is not None:
+        corners = np.array([transform.TransformPoint(tuple(map(float, c))) for c in corners])
+    m = vol_grid.world_to_index_matrix()
+    index = corners @ m[:3, :3].T + m[:3, 3]
+    return index.min(0), index.max(0)

@@ -55,3 +55,25 @@ def test_an_axis_already_as_coarse_as_the_grid_is_not_smoothed():
     # z/y pattern averaged to 0.5; the 4 mm x alternation (0 or 4) kept: 0.1 or 0.9.
     inner = out[2:-2, 2:-2, 1:-1]
     assert np.abs(np.abs(inner - 0.5) - 0.4).max() < 0.02
+
+
+def test_network_input_blurs_only_the_region_it_needs_with_the_same_values():
+    """The anti-aliasing Gaussian runs on the working grid's region plus four sigmas: inside
+    the region the blurred image is the whole image's, to float rounding."""
+    import SimpleITK as sitk
+
+    from napari_deepwarp.core import preprocess as P
+    from napari_deepwarp.core.volume import Volume
+
+    rng = np.random.default_rng(0)
+    vol = Volume(rng.random((60, 70, 80), dtype=np.float32), (1.0, 1.0, 1.0), (0, 0, 0), np.eye(3))
+    vol.array[:10] = 0.0  # a background slab, as around a brain
+    grid = P.working_grid(vol, 3.0, 32, 8)
+    region = ((20, 15, 25), (45, 50, 60))
+    whole = sitk.GetArrayFromImage(P._antialiased(vol, grid.spacing[0]))
+    cut = P._antialiased(vol, grid.spacing[0], region)
+    start = cut.GetOrigin()[::-1]  # identity direction and 1 mm: the origin is the first index
+    z0, y0, x0 = (round(v) for v in start)
+    inner = sitk.GetArrayFromImage(cut)[20 - z0 : 46 - z0, 15 - y0 : 51 - y0, 25 - x0 : 61 - x0]
+    np.testing.assert_allclose(inner, whole[20:46, 15:51, 25:61], atol=1e-4)
+    assert cut.GetNumberOfPixels() < 0.8 * whole.size
