@@ -191,13 +191,51 @@ def read_layers(path: str | Path) -> list[tuple]:
     return [layer_data(vol, "labels" if labels else "image")]
 
 
+_OPENED_NAMES: list = []
+_NAMES_LISTENERS: list = []
+
+
+def opened_label_names() -> list:
+    """The colour tables opened through the reader so far (``LabelNames``, oldest first)."""
+    return list(_OPENED_NAMES)
+
+
+def on_label_names(callback) -> None:
+    """Call ``callback(table)`` for every colour table the reader opens from now on (a bound
+    method is held weakly: a closed widget is dropped)."""
+    import weakref
+
+    ref = weakref.WeakMethod(callback) if hasattr(callback, "__self__") else (lambda: callback)
+    _NAMES_LISTENERS.append(ref)
+
+
+def read_label_names_file(path) -> list[tuple]:
+    """Reader for colour tables: remember the names for the dock widget (which offers and
+    chooses them under "label names"); no layer is added (npe2's ``[(None,)]``)."""
+    from napari_deepwarp.core.label_names import read_label_names
+
+    table = read_label_names(path)
+    _OPENED_NAMES.append(table)
+    for ref in list(_NAMES_LISTENERS):
+        callback = ref()
+        if callback is None:
+            _NAMES_LISTENERS.remove(ref)
+        else:
+            callback(table)
+    return [(None,)]
+
+
 def get_reader(path):
-    """npe2 reader: a reader function for one volume path (or None if it is not ours)."""
+    """npe2 reader: a reader function for one volume path or colour table (else None)."""
+    from napari_deepwarp.core.label_names import looks_like_label_names
+
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     p = Path(path)
+    if looks_like_label_names(p):
+        return lambda paths: read_label_names_file(paths[0] if isinstance(paths, list) else paths)
     if p.is_dir() or p.name.lower().endswith(
         (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
     ):

@@ -3,7 +3,8 @@
 Peak memory is what :mod:`._qt.worker` measured (CUDA allocator peak, else sampled RSS growth;
 the column's tooltip says which). Selecting rows while "side by side" is on shows the fixed image
 and the selected runs' warped images in napari's grid mode, every other layer hidden; turning it
-off restores each layer's visibility and leaves grid mode.
+off restores each layer's visibility and leaves grid mode. A run whose layers were removed (a
+newer run replaced them) gets its warped layer back for the view.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class CompareRuns(QWidget):
         self.records: list = []
         self.shown: list = []  # records in table order
         self._saved_visibility: dict | None = None
+        #: ``ensure_warped(record)``: puts a run's warped layer back in the viewer (the dock's)
+        self.ensure_warped = None
         self.table = CopyableTable(HEADERS)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -119,6 +122,9 @@ class CompareRuns(QWidget):
             self.restore()
 
     def _show_grid(self, chosen: list) -> None:
+        for record in chosen:  # a run whose layers left the list comes back for the view
+            if self.ensure_warped is not None:
+                self.ensure_warped(record)
         keep = {id(r.layers["warped"]) for r in chosen if "warped" in r.layers}
         fixed = [r.request.pair[0] for r in chosen]
         for layer in self.viewer.layers:

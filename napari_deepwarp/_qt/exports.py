@@ -22,6 +22,13 @@ class RunExports:
             path, _ = QFileDialog.getSaveFileName(self, title, suggested, filters)
         return path or None
 
+    def _write_metrics(self, path) -> Path:
+        """The readout with one row per label (named where the run has label names)."""
+        from .readout import HEADERS, metric_rows
+        from .tables import write_csv
+
+        return write_csv(path, HEADERS, metric_rows(self.current))
+
     def export_csv(self, path=None):
         if self.current is None:
             return None
@@ -29,7 +36,7 @@ class RunExports:
         if path is None:
             return None
         try:
-            return self.readout.write_csv(path)
+            return self._write_metrics(path)
         except OSError as exc:
             notify_error(f"export failed: {exc}")
             return None
@@ -53,7 +60,7 @@ class RunExports:
                         self.current.inverse_labels, Path(folder) / "fixed_labels_in_moving.nii.gz"
                     )
                 )
-            written.append(self.readout.write_csv(Path(folder) / "metrics.csv"))
+            written.append(self._write_metrics(Path(folder) / "metrics.csv"))
         except (OSError, ValueError, RuntimeError) as exc:
             notify_error(f"export failed: {exc}")
             return None

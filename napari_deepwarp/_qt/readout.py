@@ -15,10 +15,11 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def metric_rows(record) -> list[list[str]]:
+def metric_rows(record, per_label: bool = True) -> list[list[str]]:
     """Rows for one :class:`~napari_deepwarp._qt.worker.RunRecord`: the verdict and the similarity
-    it judged by, overlap (mean and per label),
-    landmark TRE, similarity, field quality, deformation range, time per stage, device, memory."""
+    it judged by, overlap (mean and, with ``per_label``, per label, named as
+    ``"Dice Left-Hippocampus (17)"`` where the run has label names), landmark TRE, similarity,
+    field quality, deformation range, time per stage, device, memory."""
     m = record.result.metrics
     rows: list[list[str]] = []
 
@@ -40,12 +41,15 @@ def metric_rows(record) -> list[list[str]]:
         )
     stages("mean Dice", "mean_dice")
     stages("mean Jaccard", "mean_jaccard")
+    show = per_label
     per_label = {s: m.get(f"labels_{s}") or {} for s in ("before", "affine", "after")}
-    labels = sorted(set().union(*per_label.values()), key=lambda k: (len(k), k))
+    labels = sorted(set().union(*per_label.values()), key=lambda k: (len(k), k)) if show else []
+    names = m.get("label_names") or {}
     for what in ("dice", "jaccard"):
         for label in labels:
+            name = f"{names[label]} ({label})" if label in names else f"label {label}"
             rows.append(
-                [f"{what.capitalize()} label {label}"]
+                [f"{what.capitalize()} {name}"]
                 + [_fmt(per_label[s].get(label, {}).get(what)) for s in per_label]
             )
     if any(f"tre_{s}_mm" in m for s in ("before", "affine", "after")):
@@ -57,14 +61,9 @@ def metric_rows(record) -> list[list[str]]:
     rows.append(["MI (nats)", _fmt(m.get("mi_before")), "", _fmt(m.get("mi_after"))])
     rows.append(["folding % (det J <= 0)", "", "", _fmt(m.get("folding_percent"))])
     rows.append(["SD log det J", "", "", _fmt(m.get("sdlogj"))])
-    magnitude = np.linalg.norm(record.result.displacement, axis=-1)
+    lo, mean, hi = record.magnitude
     rows.append(
-        [
-            "deformation |u| (mm) min / mean / max",
-            "",
-            "",
-            f"{magnitude.min():.3g} / {magnitude.mean():.3g} / {magnitude.max():.3g}",
-        ]
+        ["deformation |u| (mm) min / mean / max", "", "", f"{lo:.3g} / {mean:.3g} / {hi:.3g}"]
     )
     for stage, seconds in (m.get("seconds") or {}).items():
         rows.append([f"time {stage} (s)", "", "", _fmt(seconds, 3)])

@@ -1,40 +1,85 @@
-"""A run's result as napari layer data ``(data, meta, layer_type)``, in physical space.
+"""A run's result as napari layer data ``(data, meta, layer_type)``, in physical space, one view
+at a time.
 
-Every layer sits on the fixed image's grid (``affine`` = ``fixed.grid.napari_affine()``) except the
-fixed labels taken into moving space, which sit on the moving grid. No Qt here: these are numpy
-arrays and dicts that the widget hands to ``napari.layers.Layer.create``.
+:func:`warped_layer` is what a run shows (with the fixed image: green and magenta, additive);
+:func:`view_layers` builds one inspection view (checkerboard, difference, |u|, Jacobian with folds,
+propagated labels as contours, the fixed labels in moving space); each is computed when first
+asked for, off the main thread, and the widget swaps them in and out. Every layer sits on the
+fixed image's grid (``affine`` = the display map of ``fixed.grid``) except the fixed labels taken
+into moving space, which sit on the moving grid. Names are short and say what the layer is first:
+``"warped · run 2"``. No Qt here: numpy arrays and dicts for ``napari.layers.Layer.create``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
+from napari_deepwarp.core.label_names import LabelNames
 from napari_deepwarp.core.volume import Volume
 from napari_deepwarp.layers import for_display
 
 from .grid_paths import GRID_COLOR, GRID_WIDTH_VOXELS, DeformationGrid, as_segments
 
-#: the result layers of a run, in the order they are added (the last one is drawn on top)
-KINDS = (
-    "warped",
+#: inspection views of the Result tab, in button order; "overlay" is the plain result
+VIEWS = (
+    "overlay",
     "checkerboard",
     "difference",
-    "magnitude (mm)",
-    "jacobian",
-    "folds (det<=0)",
+    "|u|",
+    "Jacobian",
     "grid",
-    "labels moving→fixed",
-    "labels fixed→moving",
+    "labels",
+    "labels → moving",
 )
+#: the layer kinds each view shows besides the fixed image (True: the fixed image shows too)
+VIEW_SHOWS_FIXED = {
+    "overlay": True,
+    "checkerboard": False,
+    "difference": False,
+    "|u|": True,
+    "Jacobian": False,
+    "grid": True,
+    "labels": True,
+    "labels → moving": False,
+}
+#: views that show the warped image under them
+VIEW_SHOWS_WARPED = {"overlay", "grid", "labels"}
+#: short layer-name stems per kind
+NAMES = {
+    "warped": "warped",
+    "checkerboard": "checkerboard",
+    "difference": "difference",
+    "magnitude": "|u| mm",
+    "jacobian": "Jacobian",
+    "folds": "folds",
+    "grid": "grid",
+    "labels": "labels",
+    "labels → moving": "labels → moving",
+}
+
+
+def layer_name(kind: str, run: int) -> str:
+    """``"warped · run 2"``: what it is first, then the run."""
+    return f"{NAMES.get(kind, kind)} · run {run}"
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
     """Intensities scaled to ``[0, 1]`` between the 1st and 99th percentiles, float32."""
-    lo, hi = np.percentile(array, (1, 99))
-    if hi <= lo:
-        lo, hi = float(array.min()), float(array.max()) or 1.0
+    lo, hi = _percentiles(array, (1, 99))
     return np.clip((array - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
+
+
+def _percentiles(array: np.ndarray, q) -> tuple[float, float]:
+    """Percentiles of ``array`` from a strided sample of at most ~1M voxels (fast on big
+    volumes; display limits need no more)."""
+    flat = np.asarray(array).reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)]
+    lo, hi = (float(v) for v in np.percentile(sample, q))
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+        hi = hi if hi > lo else lo + 1.0
+    return lo, hi
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -44,108 +89,124 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     return np.where(parity == 0, a, b).astype(np.float32)
 
 
-def _meta(name: str, affine: np.ndarray, run: int, kind: str, **kwargs) -> dict:
+def _meta(kind: str, run: int, affine: np.ndarray, **kwargs) -> dict:
     return {
-        "name": name,
+        "name": layer_name(kind, run),
         "affine": affine,
         "metadata": {"deepwarp": {"run": run, "kind": kind}},
         **kwargs,
     }
 
 
-def run_layers(
-    result,
-    prefix: str,
-    run: int,
-    grid_spacing_mm: float = 8.0,
-    grid_axes: tuple[int, int] = (1, 2),
-    grid_point: np.ndarray | None = None,
-    inverse_labels: Volume | None = None,
-) -> dict[str, tuple]:
-    """``{kind: (data, meta, layer_type)}`` for a :class:`~core.pipeline.RegistrationResult`.
+def _image(kind: str, run: int, array: np.ndarray, grid, layer_type="image", **kwargs) -> tuple:
+    view, affine = for_display(array, grid)
+    return view, _meta(kind, run, affine, **kwargs), layer_type
 
-    Layer names are ``f"{prefix} · {kind}"``; each layer's ``metadata["deepwarp"]`` holds the run
-    number and the kind. The overlay (warped) is shown; the other views start hidden except the
-    folds and the deformation grid (orange paths on the slice through ``grid_point``, world
-    (z, y, x) mm, across the displayed ``grid_axes``; the middle slice where None; see
-    :func:`grid_segments`).
-    """
-    fixed = result.fixed.grid
-    fixed_n = normalise(result.fixed.array)
-    warped_n = normalise(result.warped.array)
-    magnitude = np.linalg.norm(result.displacement, axis=-1).astype(np.float32)
-    folds = (result.jacobian <= 0).astype(np.uint8)
-    out: dict[str, tuple] = {}
 
-    def add(kind, data, layer_type="image", grid=fixed, **kwargs):
-        view, affine = for_display(data, grid)
-        out[kind] = (view, _meta(f"{prefix} · {kind}", affine, run, kind, **kwargs), layer_type)
-
-    lo, hi = np.percentile(result.warped.array, (0.5, 99.5))
-    add(
+def warped_layer(result, run: int) -> tuple:
+    """The warped moving image, magenta and additive over the fixed image (green)."""
+    return _image(
         "warped",
+        run,
         result.warped.array,
+        result.fixed.grid,
         colormap="magenta",
         blending="additive",
-        contrast_limits=(float(lo), float(hi) if hi > lo else float(lo) + 1),
+        contrast_limits=_percentiles(result.warped.array, (0.5, 99.5)),
     )
-    add("checkerboard", checkerboard(fixed_n, warped_n), visible=False, contrast_limits=(0, 1))
-    add(
-        "difference",
-        warped_n - fixed_n,
-        visible=False,
-        colormap="PiYG",
-        contrast_limits=(-0.5, 0.5),
+
+
+def labels_colormap(values: np.ndarray, names: LabelNames | None):
+    """A ``DirectLabelColormap`` with the table's colours (napari's default colours without one,
+    ``None``)."""
+    if names is None or not names.colours:
+        return None
+    colours = names.colour_dict(values)
+    return DirectLabelColormap(color_dict=colours)
+
+
+def labels_meta(names: LabelNames | None) -> dict:
+    """``features`` (index, name) for a Labels layer, so that hovering shows the structure."""
+    if names is None:
+        return {}
+    return {"features": names.features(list(names.names))}
+
+
+def view_layers(
+    result,
+    view: str,
+    run: int,
+    names: LabelNames | None = None,
+    inverse_labels: Volume | None = None,
+) -> list[tuple]:
+    """The layers of one inspection ``view`` (see :data:`VIEWS`; "overlay" and "grid" add none:
+    the grid is drawn per slice by the widget). Heavy numpy work: run it off the main thread."""
+    fixed = result.fixed.grid
+    if view == "checkerboard":
+        board = checkerboard(normalise(result.fixed.array), normalise(result.warped.array))
+        return [_image("checkerboard", run, board, fixed, contrast_limits=(0, 1))]
+    if view == "difference":
+        diff = normalise(result.warped.array) - normalise(result.fixed.array)
+        return [
+            _image("difference", run, diff, fixed, colormap="PiYG", contrast_limits=(-0.5, 0.5))
+        ]
+    if view == "|u|":
+        magnitude = np.linalg.norm(result.displacement, axis=-1).astype(np.float32)
+        top = max(float(magnitude.max()), 1e-3)
+        return [
+            _image(
+                "magnitude",
+                run,
+                magnitude,
+                fixed,
+                colormap="inferno",
+                contrast_limits=(0.0, top),
+                opacity=0.7,
+                blending="translucent",
+                rendering="attenuated_mip",
+            )
+        ]
+    if view == "Jacobian":
+        jac = result.jacobian.astype(np.float32)
+        folds = (jac <= 0).astype(np.uint8)
+        red = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "red"})
+        return [
+            _image("jacobian", run, jac, fixed, colormap="PiYG", contrast_limits=(0.0, 2.0)),
+            _image("folds", run, folds, fixed, "labels", colormap=red, opacity=0.9),
+        ]
+    if view == "labels" and result.warped_labels is not None:
+        return [_labels("labels", run, result.warped_labels, names)]
+    if view == "labels → moving" and inverse_labels is not None:
+        return [_labels("labels → moving", run, inverse_labels, names)]
+    return []
+
+
+def _labels(kind: str, run: int, vol: Volume, names: LabelNames | None) -> tuple:
+    array = vol.array
+    if not np.issubdtype(array.dtype, np.integer):
+        array = np.rint(array).astype(np.int32)
+    colormap = labels_colormap(np.asarray(list(names.names)) if names else array, names)
+    colormap = label_colormap() if colormap is None else colormap
+    data = _image(
+        kind, run, array, vol.grid, "labels", opacity=0.8, colormap=colormap, **labels_meta(names)
     )
-    add(
-        "magnitude (mm)",
-        magnitude,
-        visible=False,
-        colormap="inferno",
-        contrast_limits=(0.0, max(float(magnitude.max()), 1e-3)),
-    )
-    add(
-        "jacobian",
-        result.jacobian.astype(np.float32),
-        visible=False,
-        colormap="PiYG",
-        contrast_limits=(0.0, 2.0),
-    )
-    add(
-        "folds (det<=0)",
-        folds,
-        "labels",
-        colormap=DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "red"}),
+    data[1]["metadata"]["deepwarp"]["contour"] = 1  # not a constructor argument: set once made
+    return data
+
+
+def grid_layer(deformation: DeformationGrid, run: int, data: np.ndarray) -> tuple:
+    """The deformation grid as a Vectors layer (line segments, see :func:`grid_segments`)."""
+    meta = _meta(
+        "grid",
+        run,
+        deformation.affine,
+        ndim=3,
+        vector_style="line",
+        edge_color=GRID_COLOR,
+        edge_width=GRID_WIDTH_VOXELS,
         opacity=0.9,
     )
-    deformation = DeformationGrid(result.displacement, fixed)
-    out["grid"] = (
-        grid_segments(deformation, grid_spacing_mm, grid_axes, grid_point),
-        _meta(
-            f"{prefix} · grid",
-            deformation.affine,
-            run,
-            "grid",
-            ndim=3,
-            vector_style="line",
-            edge_color=GRID_COLOR,
-            edge_width=GRID_WIDTH_VOXELS,
-            opacity=0.9,
-        ),
-        "vectors",
-    )
-    if result.warped_labels is not None:
-        add("labels moving→fixed", result.warped_labels.array, "labels", visible=False)
-    if inverse_labels is not None:
-        add(
-            "labels fixed→moving",
-            inverse_labels.array,
-            "labels",
-            grid=inverse_labels.grid,
-            visible=False,
-            opacity=0.6,
-        )
-    return out
+    return data, meta, "vectors"
 
 
 def grid_segments(

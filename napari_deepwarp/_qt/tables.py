@@ -55,15 +55,20 @@ class CopyableTable(QTableWidget):
         return text
 
     def write_csv(self, path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(self.headers())
-            writer.writerows(self.rows())
-        return path
+        return write_csv(path, self.headers(), self.rows())
 
     def keyPressEvent(self, event):
         if event.matches(QKeySequence.StandardKey.Copy):
             self.copy()
             return
         super().keyPressEvent(event)
+
+
+def write_csv(path, headers: list[str], rows: list[list[str]]) -> Path:
+    """``headers`` then ``rows`` as a UTF-8 CSV file at ``path``."""
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(headers)
+        writer.writerows(rows)
+    return path

@@ -1,9 +1,13 @@
 """The dock widget: choose layers and a method, run ``pipeline.register`` in a worker, show results.
 
-Layers are read into :class:`Volume` copies on the main thread; the run happens in a napari
-generator worker (:func:`._qt.worker.run_job`); result layers are added only when a run returns,
-so Cancel (``worker.quit()``, honoured at the next step) leaves the layer list as it was. Every
-bad choice and every failure ends in a napari notification, never an exception in Qt.
+Three tabs, each a small widget: :class:`.setup_tab.SetupTab` (layers, method, label names),
+:class:`.result_tab.ResultTab` (summary, verdict, one button per inspection view, per-structure
+Dice) and :class:`.compare.CompareRuns`. Layers are read into :class:`Volume` copies on the main
+thread; the run happens in a napari generator worker (:func:`._qt.worker.run_job`), which also
+prepares what will be shown; the result's one layer is added when the run returns
+(:class:`.result_view.ResultView`), so Cancel (``worker.quit()``, honoured at the next step)
+leaves the layer list as it was and the event loop never waits on a big volume. Every bad
+choice and every failure ends in a napari notification, never an exception in Qt.
 """
 
 from __future__ import annotations
@@ -13,86 +17,46 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from napari.layers import Image, Labels, Layer, Points
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import notifications
-from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QFrame,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QScrollArea,
-    QSpinBox,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_deepwarp.core.checkpoint import (
-    CheckpointError,
-)
+from napari_deepwarp.core.checkpoint import CheckpointError
 from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match
-from napari_deepwarp.core.models.registry import available_models
+from napari_deepwarp.core.label_names import name_labels
 from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
-from napari_deepwarp.core.precision import PRECISIONS
 from napari_deepwarp.core.progress import STOP
 from napari_deepwarp.core.refine import RefineSettings
-from napari_deepwarp.layers import LABEL_WORDS, data_to_world, for_display, volume_from_layer
+from napari_deepwarp.layers import (
+    LABEL_WORDS,
+    data_to_world,
+    for_display,
+    on_label_names,
+    opened_label_names,
+    volume_from_layer,
+)
 
 from .checkpoint_choice import BROWSE, CheckpointChoice
 from .compare import CompareRuns
 from .exports import RunExports, notify_error
-from .grid_paths import DeformationGrid
 from .loss_plot import LossPlot
-from .readout import HEADERS, metric_rows
-from .result_layers import grid_segments, run_layers
-from .tables import CopyableTable
+from .readout import metric_rows
+from .result_layers import labels_meta
+from .result_tab import ResultTab
+from .result_view import ResultView
+from .setup_tab import NONE, ROLES, SIMILARITIES, SetupTab, VerticalScroll
 from .worker import RegistrationFailed, RunRequest, run_job, switch_job
-
-NONE = "(none)"
-
-
-class VerticalScroll(QScrollArea):
-    """Scrolls its content vertically only, as wide as the content asks (never cut at the side)."""
-
-    def __init__(self, content: QWidget):
-        super().__init__()
-        self.setWidget(content)
-        self.setWidgetResizable(True)
-        self.setFrameShape(QFrame.Shape.NoFrame)
-        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-
-    def _with_scrollbar(self, size: QSize, height: int) -> QSize:
-        return QSize(size.width() + self.verticalScrollBar().sizeHint().width(), height)
-
-    def sizeHint(self) -> QSize:
-        hint = self.widget().sizeHint()
-        return self._with_scrollbar(hint, hint.height())
-
-    def minimumSizeHint(self) -> QSize:
-        return self._with_scrollbar(self.widget().minimumSizeHint(), 120)
-
-
-#: role -> (layer class, optional)
-ROLES = {
-    "fixed": (Image, False),
-    "moving": (Image, False),
-    "fixed labels": (Labels, True),
-    "moving labels": (Labels, True),
-    "fixed points": (Points, True),
-    "moving points": (Points, True),
-}
-MODES = (("none", "none"), ("network fine-tuning", "finetune"), ("field refinement", "refine"))
-SIMILARITIES = ("(default)", "lncc", "ncc", "ncc_ssd", "mi", "mse")
-VIEWS = ("overlay", "checkerboard", "difference")
 
 
 def _ours(layer) -> dict | None:
@@ -101,7 +65,7 @@ def _ours(layer) -> dict | None:
     return meta.get("deepwarp")
 
 
-class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
+class DeepwarpWidget(CheckpointChoice, RunExports, ResultView, QWidget):
     """Deformable registration of two 3D image layers (the napari dock widget)."""
 
     def __init__(self, napari_viewer, parent=None):
@@ -113,6 +77,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.preview_layer = None
         self._runs_started = 0
         self._user_chosen: set[str] = set()
+        self.slots: dict = {}  # the inspection layers (see ResultView)
         self._build()
         events = self.viewer.layers.events
         events.inserted.connect(self._on_inserted)
@@ -120,100 +85,21 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         for layer in self.viewer.layers:
             layer.events.name.connect(self.refresh_layers)
         self.refresh_layers()
+        for table in opened_label_names():
+            self.setup_tab.add_names(table)
+        on_label_names(self._names_opened)
 
     # --- UI -------------------------------------------------------------------------------
     def _build(self) -> None:
         layout = QVBoxLayout(self)
-        setup = QWidget()
-        setup_layout = QVBoxLayout(setup)
-        setup_layout.setContentsMargins(0, 0, 0, 0)
-        inputs = QGroupBox("Inputs")
-        form = QFormLayout(inputs)
-        self.choosers: dict[str, QComboBox] = {}
-        for role in ROLES:
-            box = QComboBox()
+        self.setup_tab = SetupTab()
+        self.result_tab = ResultTab()
+        for tab in (self.setup_tab, self.result_tab):
+            for name in tab.CONTROLS:
+                setattr(self, name, getattr(tab, name))
+        for role, box in self.choosers.items():
             box.activated.connect(lambda _i, r=role: self._user_chosen.add(r))
             box.currentTextChanged.connect(self._pair_changed)
-            self.choosers[role] = box
-            form.addRow(role, box)
-        setup_layout.addWidget(inputs)
-
-        method = QGroupBox("Method")
-        form = QFormLayout(method)
-        self.model = QComboBox()
-        for name, cls in available_models().items():
-            self.model.addItem(name)
-            self.model.setItemData(
-                self.model.count() - 1, getattr(cls, "description", ""), Qt.ItemDataRole.ToolTipRole
-            )
-        self.model.addItem(AFFINE_ONLY)
-        self.model.setItemData(
-            self.model.count() - 1,
-            "the affine stage alone (no network)",
-            Qt.ItemDataRole.ToolTipRole,
-        )
-        self.checkpoint = QComboBox()
-        self.card_panel = QLabel("")
-        self.card_panel.setWordWrap(True)
-        self.card_panel.setStyleSheet("color: #aaa; font-size: 10px;")
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.precision = QComboBox()
-        self.precision.addItems(list(PRECISIONS))
-        self.precision.setToolTip(
-            "the network's compute precision; auto: bfloat16 where the device computes it "
-            "natively (recent GPUs, CPUs with AVX512-BF16 or AMX), else float32; float16 is "
-            "for GPUs (most CPUs emulate it, many times slower)"
-        )
-        self.affine = QCheckBox("affine pre-alignment")
-        self.affine.setChecked(True)
-        self.affine_from = QComboBox()
-        self.affine_from.addItems(["images", "labels"])
-        self.affine_from.setToolTip(
-            "what the affine stage aligns: the images (mutual information) or, where their "
-            "intensities cannot be related (MR to ultrasound), the two label layers; Dice then "
-            "no longer checks that stage independently"
-        )
-        self.mode = QComboBox()
-        for text, key in MODES:
-            self.mode.addItem(text, key)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 10000)
-        self.steps.setValue(150)
-        self.similarity = QComboBox()
-        self.similarity.addItems(SIMILARITIES)
-        self.similarity.setToolTip(
-            "(default): the model's own loss when fine-tuning; when refining, mutual "
-            "information for a multi-modal model (MI-UNet, with 3x the regularisation "
-            "weight), local NCC otherwise"
-        )
-        self.reg_weight = _double(0, 1000, RefineSettings().reg_weight, "regularisation weight")
-        self.labels_weight = _double(0, 1000, 0.0, "weight of the label (Dice) supervision")
-        self.landmarks_weight = _double(0, 1000, 0.0, "weight of the landmark supervision")
-        self.max_size = QSpinBox()
-        self.max_size.setRange(16, 1024)
-        self.max_size.setValue(96)
-        self.max_size.setToolTip("largest side of the network's working grid (voxels)")
-        self.invert = QCheckBox("fixed labels → moving space (inverse map)")
-        self.invert.setChecked(True)
-        form.addRow("model", self.model)
-        form.addRow("checkpoint", self.checkpoint)
-        form.addRow(self.card_panel)
-        form.addRow("device", self.device)
-        form.addRow("precision", self.precision)
-        form.addRow(self.affine)
-        form.addRow("affine aligns", self.affine_from)
-        form.addRow("fine-tuning", self.mode)
-        form.addRow("steps", self.steps)
-        form.addRow("similarity", self.similarity)
-        form.addRow("regularisation", self.reg_weight)
-        form.addRow("labels weight", self.labels_weight)
-        form.addRow("landmarks weight", self.landmarks_weight)
-        form.addRow("working grid ≤", self.max_size)
-        form.addRow(self.invert)
-        setup_layout.addWidget(method)
-        setup_layout.addStretch(1)
-
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
         self.stop_button = QPushButton("Stop && keep")
@@ -231,64 +117,26 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.loss_plot)
-
-        result = QWidget()
-        rl = QVBoxLayout(result)
-        rl.setContentsMargins(0, 0, 0, 0)
-        self.run_label = QLabel("no run yet")
-        self.run_label.setWordWrap(True)
-        # The run's verdict, coloured, and the other result of the same run one click away.
-        self.verdict_label = QLabel("")
-        self.verdict_label.setWordWrap(True)
-        self.verdict_label.setTextFormat(Qt.TextFormat.RichText)
-        self.other_button = QPushButton("")
-        self.other_button.setVisible(False)
-        view_row = QHBoxLayout()
-        self.view = QComboBox()
-        self.view.addItems(VIEWS)
-        self.grid_spacing = _double(1, 200, 16.0, "deformation grid spacing (mm)")
-        view_row.addWidget(QLabel("view"))
-        view_row.addWidget(self.view)
-        view_row.addWidget(QLabel("grid mm"))
-        view_row.addWidget(self.grid_spacing)
-        self.readout = CopyableTable(HEADERS)
-        copy_row = QHBoxLayout()
-        self.copy_button = QPushButton("Copy")
-        self.csv_button = QPushButton("CSV…")
-        self.export_button = QPushButton("Export run…")
-        self.field_button = QPushButton("Export field…")
-        self.save_button = QPushButton("Save checkpoint…")
-        for b in (self.copy_button, self.csv_button):
-            copy_row.addWidget(b)
-        export_row = QHBoxLayout()
-        for b in (self.export_button, self.field_button, self.save_button):
-            export_row.addWidget(b)
-        rl.addWidget(self.run_label)
-        rl.addWidget(self.verdict_label)
-        rl.addWidget(self.other_button)
-        rl.addLayout(view_row)
-        rl.addWidget(self.readout)
-        rl.addLayout(copy_row)
-        rl.addLayout(export_row)
         self.compare = CompareRuns(self.viewer)
+        self.compare.ensure_warped = self.ensure_warped
         self.tabs = QTabWidget()
         # scrolls rather than squeezing rows (a long card summary was cut off on short screens)
-        setup_scroll = VerticalScroll(setup)
-        self.tabs.addTab(setup_scroll, "Setup")
-        self.tabs.addTab(result, "Result")
+        self.tabs.addTab(VerticalScroll(self.setup_tab), "Setup")
+        self.tabs.addTab(self.result_tab, "Result")
         self.tabs.addTab(self.compare, "Compare")
         layout.insertWidget(0, self.tabs, stretch=1)
-        self.result_tab = result
 
         self._fill_checkpoints()
         self.model.currentTextChanged.connect(self._model_changed)
         self.checkpoint.activated.connect(self._checkpoint_activated)
         self.checkpoint.currentIndexChanged.connect(self._show_card)
         self.mode.currentIndexChanged.connect(self._mode_changed)
+        self.label_names.currentTextChanged.connect(self._names_changed)
         self.run_button.clicked.connect(self.run)
         self.stop_button.clicked.connect(self.stop)
         self.cancel_button.clicked.connect(self.cancel)
-        self.view.currentTextChanged.connect(self.set_view)
+        for view, button in self.view_buttons.items():
+            button.clicked.connect(lambda _c=False, v=view: self.set_view(v))
         self.grid_spacing.valueChanged.connect(self._regrid)
         # The grid is drawn on the slice shown: redraw it, once scrolling pauses, on a new slice.
         self._regrid_timer = QTimer(self)
@@ -443,6 +291,7 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
             fixed_landmarks=fixed_points,
             moving_landmarks=moving_points,
             pair=(fixed_layer.name, moving_layer.name),
+            label_names=self._names(),
         )
 
     def _landmarks(self):
@@ -603,6 +452,8 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self._drop_preview()
         try:
             self._add_run(record)
+            self.compare.set_records(self.records, self._pair())
+            self.show_run(record)
         except Exception as exc:  # noqa: BLE001 - a display failure must not crash napari
             for layer in record.layers.values():
                 if layer in self.viewer.layers:
@@ -614,43 +465,6 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         self.status.setText(
             f"{record.name}: done in {record.result.metrics['seconds']['total']:.1f} s"
         )
-
-    def _add_run(self, record) -> None:
-        axes, point = self._displayed_slice()
-        data = run_layers(
-            record.result,
-            record.name,
-            record.number,
-            grid_spacing_mm=self.grid_spacing.value(),
-            grid_axes=axes,
-            grid_point=point,
-            inverse_labels=record.inverse_labels,
-        )
-        for previous in self.records:
-            for layer in previous.layers.values():
-                if layer in self.viewer.layers:
-                    layer.visible = False
-        for kind, (array, meta, layer_type) in data.items():
-            layer = Layer.create(array, meta, layer_type)
-            if kind == "labels moving→fixed":
-                layer.contour = 1
-            if kind == "grid":  # drawn for one slice: bring it up to date when shown again
-                layer.events.visible.connect(self._schedule_regrid)
-            record.layers[kind] = layer
-            self.viewer.add_layer(layer)
-        by_name = {layer.name: layer for layer in self.viewer.layers}
-        fixed, moving = (by_name.get(n) for n in record.request.pair)
-        if fixed is not None:
-            fixed.visible = True
-            fixed.colormap, fixed.blending = "green", "additive"
-        if moving is not None:
-            moving.visible = False
-        self.records.append(record)
-        self.compare.set_records(self.records, self._pair())
-        self.show_run(record)
-        self.view.blockSignals(True)
-        self.view.setCurrentText("overlay")
-        self.view.blockSignals(False)
 
     def _on_error(self, exc) -> None:
         self._drop_preview()
@@ -678,13 +492,14 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
     def show_run(self, record) -> None:
         self.current = record
         m = record.result.metrics
-        mag = np.linalg.norm(record.result.displacement, axis=-1)
+        lo, _mean, hi = record.magnitude
         self.run_label.setText(
-            f"<b>{record.name}</b><br>Dice {_f(m.get('mean_dice_before'))} → "
+            f"<b>{html.escape(record.name)}</b><br>Dice {_f(m.get('mean_dice_before'))} → "
             f"{_f(m.get('mean_dice_after'))}; folding {_f(m.get('folding_percent'))} %; "
-            f"|u| {mag.min():.2g}–{mag.max():.3g} mm"
+            f"|u| {lo:.2g}–{hi:.3g} mm"
         )
-        self.readout.set_rows(metric_rows(record))
+        self.readout.set_rows(metric_rows(record, per_label=False))
+        self.structures.set_metrics(m)
         self._show_verdict(record)
         self._update_result_buttons()
 
@@ -734,54 +549,48 @@ class DeepwarpWidget(CheckpointChoice, RunExports, QWidget):
         )
         self.save_button.setEnabled(bool(tuned))
 
-    def set_view(self, view: str) -> None:
-        """``overlay`` (warped magenta over fixed green), ``checkerboard`` or ``difference``."""
-        record = self.current
-        if record is None:
-            return
-        layers = record.layers
-        fixed = self.chosen("fixed")
-        for kind in ("warped", "checkerboard", "difference"):
-            if kind in layers and layers[kind] in self.viewer.layers:
-                layers[kind].visible = (kind == "warped") if view == "overlay" else kind == view
-        if fixed is not None and fixed.name == record.request.pair[0]:
-            fixed.visible = view == "overlay"
+    # --- label names ----------------------------------------------------------------------
+    def _names(self):
+        """The chosen colour table (None: none, or it could not be read: a notification)."""
+        try:
+            return self.setup_tab.chosen_names()
+        except InputError as exc:
+            notify_error(str(exc))
+            self.label_names.setCurrentText(NONE)
+            return None
 
-    def _displayed_slice(self) -> tuple[tuple[int, int], np.ndarray | None]:
-        """The two displayed axes and the world point of the slice shown (None: unknown)."""
-        dims = self.viewer.dims
-        if dims.ndim != 3:  # the run layers are 3D; with other layers about, draw the middle
-            return (1, 2), None
-        return tuple(int(a) for a in dims.order[-2:]), np.asarray(dims.point, float)
+    def _names_opened(self, table) -> None:
+        """A colour table opened in napari (the plugin's reader): offer it and choose it."""
+        self.setup_tab.add_names(table)
 
-    def _schedule_regrid(self, *_args) -> None:
-        self._regrid_timer.start()
-
-    def _regrid(self, *_args) -> None:
-        """Redraw the visible runs' deformation grids for the slice shown and the spacing."""
-        axes, point = self._displayed_slice()
-        for record in self.records:
-            layer = record.layers.get("grid")
-            if layer is None or layer not in self.viewer.layers or not layer.visible:
-                continue
-            deformation = DeformationGrid(record.result.displacement, record.result.fixed.grid)
-            layer.data = grid_segments(deformation, self.grid_spacing.value(), axes, point)
+    def _names_changed(self, *_):
+        """Name the chosen label layers (hovering shows the structure) and the readout."""
+        names = self._names()
+        meta = labels_meta(names) if names is not None else {"features": {}}
+        layers = [self.chosen("fixed labels"), self.chosen("moving labels")]
+        if self.current is not None:
+            layers += [self.current.layers.get(k) for k in ("labels", "labels → moving")]
+        for layer in layers:
+            if isinstance(layer, Labels):
+                layer.features = meta["features"]
+        if self.current is not None and names is not None:
+            name_labels(self.current.result.metrics, names)
+            self.current.request.label_names = names
+            self.show_run(self.current)
 
     # --- cleanup --------------------------------------------------------------------------
     def closeEvent(self, event):
-        if self.worker is not None:
-            self.worker.quit()
+        self.shutdown()
         super().closeEvent(event)
 
-
-def _double(lo: float, hi: float, value: float, tip: str) -> QDoubleSpinBox:
-    spin = QDoubleSpinBox()
-    spin.setRange(lo, hi)
-    spin.setDecimals(3)
-    spin.setSingleStep(0.5)
-    spin.setValue(value)
-    spin.setToolTip(tip)
-    return spin
+    def shutdown(self) -> None:
+        """Stop the workers and wait for their threads (a thread alive while Qt tears down
+        crashed napari on exit)."""
+        running = [w for w in (self.worker, self.view_worker) if w is not None]
+        for worker in running:
+            worker.quit()
+        if running:
+            type(running[0]).await_workers(msecs=30_000)
 
 
 def _other_stage(record) -> str | None:

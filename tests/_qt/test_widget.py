@@ -30,6 +30,16 @@ def _names(viewer):
     return [layer.name for layer in viewer.layers]
 
 
+def _visible(viewer):
+    return [layer.name for layer in viewer.layers if layer.visible]
+
+
+def _show(w, qtbot, view):
+    """Click a view's button and wait until its layers are in."""
+    w.view_buttons[view].click()
+    qtbot.waitUntil(lambda: w.view_worker is None, timeout=120_000)
+
+
 def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qtbot, tmp_path):
     viewer, w = open_widget()
     chosen = {role: box.currentText() for role, box in w.choosers.items()}
@@ -42,28 +52,43 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     wait_idle(qtbot, w)
     assert not [n for n in notes if n.startswith("show_error")], notes
     (record,) = w.records
-    prefix = record.name
     default = read_card(default_checkpoint())["architecture"]  # the widget opens on the default
-    assert prefix.startswith(f"run 1 · {default}") and "refine 20" in prefix
+    assert record.name.startswith(f"run 1 · {default}") and "refine 20" in record.name
     fixed = viewer.layers["sample fixed"]
-    for kind in (
-        "warped",
-        "checkerboard",
-        "difference",
-        "magnitude (mm)",
-        "jacobian",
-        "folds (det<=0)",
-        "labels moving→fixed",
-    ):
-        layer = viewer.layers[f"{prefix} · {kind}"]
-        assert layer.data.shape == fixed.data.shape, kind
-        assert np.allclose(_matrix(layer), _matrix(fixed), atol=1e-5), kind
-    inverse = viewer.layers[f"{prefix} · labels fixed→moving"]
     moving = viewer.layers["sample moving"]
+    # a calm result: the fixed image and the warped image, additive, nothing over them
+    warped = viewer.layers["warped · run 1"]
+    assert _visible(viewer) == ["sample fixed", "warped · run 1"]
+    assert warped.blending == fixed.blending == "additive"
+    assert warped.data.shape == fixed.data.shape
+    assert np.allclose(_matrix(warped), _matrix(fixed), atol=1e-5)
+    count = len(viewer.layers)
+    # one view at a time, each in place of the one before, on the fixed grid
+    for view, kinds in (
+        ("checkerboard", ["checkerboard · run 1"]),
+        ("difference", ["difference · run 1"]),
+        ("|u|", ["sample fixed", "|u| mm · run 1"]),
+        ("Jacobian", ["Jacobian · run 1", "folds · run 1"]),
+        ("labels", ["sample fixed", "warped · run 1", "labels · run 1"]),
+    ):
+        _show(w, qtbot, view)
+        assert _visible(viewer) == kinds, view
+        for name in kinds:
+            assert viewer.layers[name].data.shape == fixed.data.shape, view
+            assert np.allclose(_matrix(viewer.layers[name]), _matrix(fixed), atol=1e-5), view
+    assert len(viewer.layers) <= count + 2  # an image slot and a labels slot, reused
+    assert viewer.layers["labels · run 1"].contour == 1
+    # the fixed labels in moving space: computed when asked, on the moving grid
+    assert record.inverse_labels is None
+    _show(w, qtbot, "labels → moving")
+    inverse = viewer.layers["labels → moving · run 1"]
+    assert _visible(viewer) == ["sample moving", "labels → moving · run 1"]
     assert inverse.data.shape == moving.data.shape
     assert np.allclose(_matrix(inverse), _matrix(moving), atol=1e-5)
     # the deformation grid: vector paths on the slice shown, redrawn for another slice
-    grid = viewer.layers[f"{prefix} · grid"]
+    _show(w, qtbot, "grid")
+    grid = viewer.layers["grid · run 1"]
+    assert _visible(viewer) == ["sample fixed", "warped · run 1", "grid · run 1"]
     assert np.allclose(_matrix(grid), _matrix(fixed), atol=1e-5)
     axis = viewer.dims.order[0]
     shown = grid.world_to_data(viewer.dims.point)[axis]
@@ -80,11 +105,8 @@ def test_sample_pair_is_picked_and_a_run_shows_its_layers(open_widget, notes, qt
     assert after > before
     assert "folding % (det J <= 0)" in rows and "device" in rows
     assert "mean Dice" in w.readout.copy()
-    # views
-    w.set_view("checkerboard")
-    assert viewer.layers[f"{prefix} · checkerboard"].visible and not fixed.visible
-    w.set_view("overlay")
-    assert viewer.layers[f"{prefix} · warped"].visible and fixed.visible
+    _show(w, qtbot, "overlay")
+    assert _visible(viewer) == ["sample fixed", "warped · run 1"]
     # exports
     written = {p.name for p in w.export_run(tmp_path / "out")}
     assert {
@@ -128,7 +150,8 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     w.compare.side_by_side.setChecked(True)
     assert grid_settings(viewer).enabled
     visible = {layer.name for layer in viewer.layers if layer.visible}
-    assert visible == {"sample fixed"} | {f"{r.name} · warped" for r in w.records}
+    assert visible == {"sample fixed"} | {f"warped · run {r.number}" for r in w.records}
+    assert sum(layer.name.startswith("warped") for layer in viewer.layers) == 2
     w.compare.side_by_side.setChecked(False)
     assert not grid_settings(viewer).enabled
 
@@ -282,4 +305,4 @@ def test_the_verdict_is_a_coloured_line_and_the_other_result_is_one_click_away(
     assert second.result.working_field is None and second.result.verdict.returned == "affine"
     assert second.result.metrics["mean_dice_after"] == first.result.metrics["mean_dice_affine"]
     assert w.other_button.text() == "Show the network's result"  # and back, one click
-    assert f"{second.name} · warped" in [layer.name for layer in viewer.layers]
+    assert _visible(viewer) == ["sample fixed", "warped · run 2"]
