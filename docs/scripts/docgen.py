@@ -370,6 +370,18 @@ def _render_multimodal(report: dict) -> str:
     return markdown(report["rows"])
 
 
+def _render_budget(report: dict) -> str:
+    from benchmarks.budget import table
+
+    return table(report)
+
+
+def _render_gpu(report: dict) -> str:
+    from benchmarks.gpu import table
+
+    return table(report)
+
+
 def _render_verdict(report: dict) -> str:
     from benchmarks.verdict import table
 
@@ -378,6 +390,11 @@ def _render_verdict(report: dict) -> str:
 
 #: data file stem (before any ``-label``) -> (title, renderer)
 RENDERERS = {
+    "budget": (
+        "Where a fresh deepwarp register spends its time (against ANTs affine)",
+        _render_budget,
+    ),
+    "gpu": ("On a GPU", _render_gpu),
     "verdict": (
         "The default run against its affine stage: verdict, guard, --model auto",
         _render_verdict,
