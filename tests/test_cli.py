@@ -447,3 +447,32 @@ def test_outputs_writes_only_the_files_asked_for(pair, capsys):
         main([*args, "-o", str(d / "bad"), "--outputs", "warped,nonsense"])
     assert exit_.value.code == 2 and "name one or more of warped" in capsys.readouterr().err
     assert not (d / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["register", "--help"],
+        ["register", "missing_fixed.nii.gz", "missing_moving.nii.gz", "-o", "out"],
+        ["register", "a.nii.gz", "b.nii.gz", "-o", "out", "--refine", "-3"],
+    ],
+    ids=["help", "register help", "missing file", "bad option"],
+)
+def test_help_and_bad_input_answer_without_importing_torch(argv, tmp_path):
+    """Importing torch takes about a second: --help and a wrong path answer before it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom napari_deepwarp.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
