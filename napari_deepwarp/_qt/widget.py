@@ -22,6 +22,7 @@ from napari.qt.threading import create_worker
 from napari.utils import notifications
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QApplication,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -88,6 +89,9 @@ class DeepwarpWidget(CheckpointChoice, RunExports, ResultView, QWidget):
         for table in opened_label_names():
             self.setup_tab.add_names(table)
         on_label_names(self._names_opened)
+        app = QApplication.instance()
+        if app is not None:  # a worker thread still running as Qt tears down must not crash it
+            app.aboutToQuit.connect(self.shutdown)
 
     # --- UI -------------------------------------------------------------------------------
     def _build(self) -> None:
