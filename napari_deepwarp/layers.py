@@ -218,10 +218,13 @@ def read_label_names_file(path) -> list[tuple]:
     _OPENED_NAMES.append(table)
     for ref in list(_NAMES_LISTENERS):
         callback = ref()
-        if callback is None:
-            _NAMES_LISTENERS.remove(ref)
-        else:
-            callback(table)
+        try:
+            if callback is not None:
+                callback(table)
+                continue
+        except RuntimeError:  # a closed widget whose Qt object is gone
+            pass
+        _NAMES_LISTENERS.remove(ref)
     return [(None,)]
 
 

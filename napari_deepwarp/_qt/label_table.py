@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-HEADERS = ["structure", "label", "Dice before", "Dice affine", "Dice after", "change"]
+HEADERS = ["structure", "label", "Dice before", "affine", "after", "Δ"]
 
 
 def structure_rows(metrics: dict) -> list[list]:
@@ -59,7 +59,7 @@ class StructureTable(QWidget):
         self.table.verticalHeader().setVisible(False)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(True)
         self.table.setSortingEnabled(True)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
