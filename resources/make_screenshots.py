@@ -6,6 +6,13 @@ Registers the built-in sample pair with field refinement and shows the fixed ima
 the warped moving image (magenta, additive) before and after, side by side in napari's grid mode
 (demo_overlay.png). Then drives the dock widget: a run on the sample pair (widget_run.png) and the
 comparison of three runs side by side (compare.png).
+
+    xvfb-run -a -s "-screen 0 1600x1100x24" python resources/make_screenshots.py --real
+
+instead drives the widget on two real Mindboggle brains with their label maps (read from
+``../shared/data/mindboggle``, not shipped) and the shipped colour table: the result as it appears
+after a run (widget_brains.png), its deformation grid (widget_brains_grid.png), and prints the
+largest event-loop gap during the run and the run's time.
 """
 
 import time
@@ -97,6 +104,71 @@ def widget_screenshots() -> None:
     viewer.close()
 
 
+def real_screenshots(data: Path) -> None:
+    """The widget after the default run on Mindboggle 1 <- 2 with labels and their names."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_deepwarp.resources import resources_dir
+
+    viewer = napari.Viewer(show=True, title="napari-deepwarp")
+    viewer.window.resize(1550, 1050)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-deepwarp", "Deformable registration")
+    names = {}
+    for side, subject in (("fixed", 1), ("moving", 2)):
+        for kind in ("t1", "labels"):
+            path = data / f"oasis_trt20_{subject}_{kind}.nii.gz"
+            viewer.open(path, plugin="napari-deepwarp")
+            names[f"{side} labels" if kind == "labels" else side] = path.name.split(".")[0]
+    for role, name in names.items():
+        widget.choosers[role].setCurrentText(name)
+    viewer.open(
+        resources_dir() / "label_names" / "mindboggle_dkt_LUT.txt", plugin="napari-deepwarp"
+    )
+    widget.device.setCurrentText("cpu")
+    QApplication.processEvents()
+    gaps = {"largest": 0.0, "last": time.perf_counter()}
+
+    def tick():
+        now = time.perf_counter()
+        gaps["largest"] = max(gaps["largest"], now - gaps["last"])
+        gaps["last"] = now
+
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(tick)
+    start = time.perf_counter()
+    gaps["last"] = start
+    timer.start()
+    widget.run()
+    _wait(widget)
+    for _ in range(25):
+        QApplication.processEvents()
+        time.sleep(0.02)
+    timer.stop()
+    wall = time.perf_counter() - start - 0.5
+    seconds = widget.records[0].result.metrics["seconds"]["total"]
+    print(
+        f"widget run {wall:.1f} s (pipeline {seconds:.1f} s); largest event-loop gap "
+        f"{gaps['largest']:.2f} s"
+    )
+    widget.structures.filter.setText("hippocampus")
+    viewer.dims.set_point(0, sum(viewer.dims.range[0][:2]) / 2 + 20)
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget_brains.png"), canvas_only=False)
+    widget.structures.filter.setText("")
+    widget.view_buttons["grid"].click()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget_brains_grid.png"), canvas_only=True)
+    viewer.close()
+
+
 if __name__ == "__main__":
-    main()
-    widget_screenshots()
+    import sys
+
+    if "--real" in sys.argv:
+        real_screenshots(Path(__file__).resolve().parents[2] / "shared" / "data" / "mindboggle")
+    else:
+        main()
+        widget_screenshots()
