@@ -146,6 +146,8 @@ def test_comparison_gains_a_row_per_run_and_shows_them_side_by_side(open_widget,
     assert "affine from labels" in w.compare.table.item(1, 0).text()
     assert w.records[1].result.metrics["affine_from"] == "labels"
     assert float(w.compare.table.item(0, 1).text()) > 0  # mean Dice
+    # a new run replaces the layers of the one before (they come back for Compare)
+    assert [n for n in _names(viewer) if n.startswith("warped")] == ["warped · run 2"]
     w.compare.select_runs({1, 2})
     w.compare.side_by_side.setChecked(True)
     assert grid_settings(viewer).enabled
@@ -306,3 +308,49 @@ def test_the_verdict_is_a_coloured_line_and_the_other_result_is_one_click_away(
     assert second.result.metrics["mean_dice_after"] == first.result.metrics["mean_dice_affine"]
     assert w.other_button.text() == "Show the network's result"  # and back, one click
     assert _visible(viewer) == ["sample fixed", "warped · run 2"]
+
+
+def test_earlier_runs_stay_when_asked(open_widget, qtbot):
+    viewer, w = open_widget()
+    w.model.setCurrentText("affine")
+    w.keep_runs.setChecked(True)
+    for _ in range(2):
+        w.run()
+        wait_idle(qtbot, w)
+    assert sorted(n for n in _names(viewer) if n.startswith("warped")) == [
+        "warped · run 1",
+        "warped · run 2",
+    ]
+    assert _visible(viewer) == ["sample fixed", "warped · run 2"]
+
+
+ITKSNAP = """\
+# ITK-SnAP Label Description File
+    0     0    0    0        0  0  0    "Clear Label"
+{rows}
+"""
+
+
+def test_label_names_from_an_itksnap_file_reach_readout_csv_and_layers(
+    open_widget, qtbot, tmp_path
+):
+    viewer, w = open_widget()
+    labels = viewer.layers["sample fixed labels"]
+    values = [int(v) for v in np.unique(labels.data) if v]
+    table = tmp_path / "phantom_labels.txt"
+    rows = "\n".join(f'{v:5d}   200  100   50        1  1  1    "structure {v}"' for v in values)
+    table.write_text(ITKSNAP.format(rows=rows), encoding="utf-8")
+    w.model.setCurrentText("affine")
+    w.run()
+    wait_idle(qtbot, w)
+    assert w.structures.visible_rows()[0][0] == f"label {w.structures.visible_rows()[0][1]}"
+    viewer.open(table, plugin="napari-deepwarp")  # after the run: names reach it too
+    assert w.label_names.currentText() == "phantom_labels.txt"
+    assert {r[0] for r in w.structures.visible_rows()} == {f"structure {v}" for v in values}
+    assert "name" in labels.features and "structure 1" in list(labels.features["name"])
+    csv_text = w.export_csv(tmp_path / "m.csv").read_text(encoding="utf-8")
+    assert f"Dice structure {values[0]} ({values[0]})" in csv_text
+    w.structures.filter.setText(f"structure {values[-1]}")
+    assert [r[0] for r in w.structures.visible_rows()] == [f"structure {values[-1]}"]
+    _show(w, qtbot, "labels")
+    assert "structure 1" in list(viewer.layers["labels · run 1"].features["name"])

@@ -130,3 +130,12 @@ def test_a_run_on_brains_never_freezes_and_names_the_structures(open_widget, not
     inside = np.argwhere(np.asarray(propagated.data) == 53)[0]
     assert "Right-Hippocampus" in _hover(viewer, propagated, inside)
     assert len([layer for layer in viewer.layers if layer.visible]) <= 3
+    # the deformation grid at the default spacing reads as a grid: long lines, not crosses
+    w.view_buttons["grid"].click()
+    grid = viewer.layers["grid · run 1"]
+    segments = grid.data
+    starts, ends = segments[1:, 0], segments[:-1, 0] + segments[:-1, 1]
+    joined = np.mean(np.all(np.isclose(starts, ends, atol=1e-4), axis=1))
+    assert len(segments) > 1000 and joined > 0.95  # consecutive segments join into lines
+    lines = 1 + np.sum(~np.all(np.isclose(starts, ends, atol=1e-4), axis=1))
+    assert len(segments) / lines > 20  # a line is tens of segments long
