@@ -25,11 +25,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_deepwarp.core.errors import InputError
 from napari_deepwarp.core.label_names import LabelNames, read_label_names
 from napari_deepwarp.core.models.registry import available_models
 from napari_deepwarp.core.pipeline import AFFINE_ONLY
 from napari_deepwarp.core.precision import PRECISIONS
 from napari_deepwarp.core.refine import RefineSettings
+
+from .exports import notify_error
 
 NONE = "(none)"
 BROWSE_NAMES = "Open a colour table…"
@@ -245,4 +248,7 @@ class SetupTab(QWidget):
         )
         self.label_names.setCurrentText(NONE)
         if path:
-            self.add_names(read_label_names(path))
+            try:
+                self.add_names(read_label_names(path))
+            except InputError as exc:  # not a colour table: say which line, change nothing
+                notify_error(str(exc))

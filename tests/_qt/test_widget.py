@@ -354,3 +354,25 @@ def test_label_names_from_an_itksnap_file_reach_readout_csv_and_layers(
     assert [r[0] for r in w.structures.visible_rows()] == [f"structure {values[-1]}"]
     _show(w, qtbot, "labels")
     assert "structure 1" in list(viewer.layers["labels · run 1"].features["name"])
+
+
+def test_a_colour_table_chosen_in_setup_and_a_bad_one_refused(
+    open_widget, notes, monkeypatch, tmp_path
+):
+    from napari_deepwarp._qt import setup_tab
+
+    _viewer, w = open_widget()
+    bad, good = tmp_path / "notes.txt", tmp_path / "lut.ctbl"
+    bad.write_text("this is prose\n", encoding="utf-8")
+    good.write_text("1 first 1 2 3 255\n", encoding="utf-8")
+    for path in (bad, good):
+        monkeypatch.setattr(
+            setup_tab.QFileDialog, "getOpenFileName", lambda *a, p=path: (str(p), "")
+        )
+        w.label_names.setCurrentText(setup_tab.BROWSE_NAMES)
+        w.setup_tab._names_activated(w.label_names.currentIndex())
+    assert any("notes.txt: line 1" in n for n in notes if n.startswith("show_error"))
+    assert w.label_names.currentText() == "lut.ctbl"
+    assert w.setup_tab.chosen_names().names == {1: "first"}
+    w.label_names.setCurrentText(setup_tab.BUILTIN_NAMES)
+    assert w.setup_tab.chosen_names().name(17) == "Left-Hippocampus"
