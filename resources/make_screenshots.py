@@ -11,7 +11,8 @@ comparison of three runs side by side (compare.png).
 
 instead drives the widget on two real Mindboggle brains with their label maps (read from
 ``../shared/data/mindboggle``, not shipped) and the shipped colour table: the result as it appears
-after a run (widget_brains.png), its deformation grid (widget_brains_grid.png), and prints the
+after a run (widget_brains.png), its deformation grid (widget_brains_grid.png), |u| as a volume
+rendering inside the fixed brain in napari's 3D view (widget_brains_3d.png), and prints the
 largest event-loop gap during the run and the run's time.
 """
 
@@ -161,6 +162,14 @@ def real_screenshots(data: Path) -> None:
     widget.view_buttons["grid"].click()
     QApplication.processEvents()
     viewer.screenshot(str(OUT / "widget_brains_grid.png"), canvas_only=True)
+    widget.view_buttons["|u|"].click()
+    while widget.view_worker is not None:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    viewer.dims.ndisplay = 3
+    getattr(viewer, "scene", viewer).camera.angles = (0, 30, 60)
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget_brains_3d.png"), canvas_only=True)
     viewer.close()
 
 

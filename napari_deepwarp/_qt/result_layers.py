@@ -151,8 +151,15 @@ def view_layers(
             _image("difference", run, diff, fixed, colormap="PiYG", contrast_limits=(-0.5, 0.5))
         ]
     if view == "|u|":
+        # inside the fixed image's foreground only, with limits from there: the affine part
+        # moves every voxel, so the range inside the body is what tells where the warp worked
         magnitude = np.linalg.norm(result.displacement, axis=-1).astype(np.float32)
-        top = max(float(magnitude.max()), 1e-3)
+        inside = normalise(result.fixed.array) > 0.1
+        if inside.any():
+            lo, hi = _percentiles(magnitude[inside], (2, 99.5))
+        else:
+            lo, hi = 0.0, max(float(magnitude.max()), 1e-3)
+        magnitude[~inside] = 0.0
         return [
             _image(
                 "magnitude",
@@ -160,10 +167,10 @@ def view_layers(
                 magnitude,
                 fixed,
                 colormap="inferno",
-                contrast_limits=(0.0, top),
+                contrast_limits=(lo, hi),
                 opacity=0.7,
                 blending="translucent",
-                rendering="attenuated_mip",
+                rendering="mip",
             )
         ]
     if view == "Jacobian":

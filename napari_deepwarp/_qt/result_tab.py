@@ -26,7 +26,7 @@ VIEW_TIPS = {
     "overlay": "the fixed image (green) and the warped moving image (magenta): grey where they agree",
     "checkerboard": "tiles of the fixed and the warped image: edges should run on across tiles",
     "difference": "warped minus fixed (normalised intensities): pink/green where they differ",
-    "|u|": "the displacement's length (mm) over the fixed image; in 3D a volume rendering",
+    "|u|": "the displacement's length (mm) inside the fixed image; in 3D a volume rendering",
     "Jacobian": "det J of the map: < 1 shrinks, > 1 grows; folds (det J <= 0) in red",
     "grid": "a regular grid of the moving image, bent as the warp bends it (on the slice shown)",
     "labels": "the moving labels propagated onto the fixed image, as contours",
