@@ -32,7 +32,7 @@ VIEWS = (
     "labels",
     "labels → moving",
 )
-#: the layer kinds each view shows besides the fixed image (True: the fixed image shows too)
+#: whether each view shows the user's fixed image under its own layers
 VIEW_SHOWS_FIXED = {
     "overlay": True,
     "checkerboard": False,
