@@ -399,7 +399,13 @@ def test_a_signal_mid_run_exits_cleanly_and_leaves_nothing(tmp_path, sig, code, 
     fixed = write(tmp_path / "fixed.nii.gz", blobs((40, 40, 40), seed=1))
     moving_ = write(tmp_path / "moving.nii.gz", blobs((40, 40, 40), seed=2))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "napari_deepwarp.cli", "register", fixed, moving_]
+    # A run in the background (a CI job started with &) inherits SIGINT ignored, and Python then
+    # keeps ignoring it: the child takes Ctrl-C as a terminal would give it.
+    interruptible = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('napari_deepwarp.cli', run_name='__main__')"
+    )
+    command = [sys.executable, "-c", interruptible, "register", fixed, moving_]
     command += ["-o", str(out), "--model", "voxelmorph", "--checkpoint", "none", "--no-affine"]
     command += ["--refine", "100000", "--max-size", "32", "--device", "cpu"]
     log = tmp_path / "stderr.txt"
