@@ -5,15 +5,12 @@ helps (skipped where ../shared/data is absent)."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from napari_deepwarp.cli import main
 from napari_deepwarp.core import verdict as V
-from napari_deepwarp.core.io import read_volume, write_volume
-from napari_deepwarp.core.preprocess import apply_window, intensity_window, resample
-from napari_deepwarp.core.volume import Volume
+from napari_deepwarp.core.io import read_volume
+from napari_deepwarp.core.preprocess import apply_window, intensity_window
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(
@@ -66,28 +63,10 @@ def test_the_spine_t2_onto_t1_is_never_worse_than_the_affine_stage(tmp_path):
 def test_a_two_modality_brain_with_a_known_answer_is_never_worse(tmp_path):
     """Brain 1's labels given other intensities (non-monotonic, as T2 against T1), moved by a
     known rotation and translation: the true answer brings every label back onto itself."""
-    mindboggle = DATA / "mindboggle"
-    t1 = read_volume(mindboggle / "oasis_trt20_1_t1.nii.gz")
-    labels = read_volume(mindboggle / "oasis_trt20_1_labels.nii.gz", labels=True)
-    rng = np.random.default_rng(7)
-    lookup = rng.uniform(0.1, 1.0, int(labels.array.max()) + 1).astype(np.float32)
-    lookup[0] = 0.0
-    other = lookup[labels.array] * 800 + rng.normal(0, 10, labels.shape).astype(np.float32)
-    moved = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, np.deg2rad(12), (8.0, -6.0, 4.0))
-    centre = t1.grid.index_to_world_matrix() @ np.array([*(np.array(t1.shape) / 2), 1.0])
-    moved.SetCenter(tuple(centre[:3]))
-    image = resample(Volume.on_grid(other, t1.grid, "t2-like"), t1.grid, moved)
-    moving_labels = resample(labels, t1.grid, moved, "nearest")
-    write_volume(image, tmp_path / "moving.nii.gz")
-    write_volume(moving_labels, tmp_path / "moving_labels.nii.gz")
-    fixed_labels = mindboggle / "oasis_trt20_1_labels.nii.gz"
-    default, affine = check_never_worse(
-        tmp_path,
-        mindboggle / "oasis_trt20_1_t1.nii.gz",
-        tmp_path / "moving.nii.gz",
-        tmp_path / "moving_labels.nii.gz",
-        fixed_labels,
-    )
+    from benchmarks.verdict import brain_two_modalities
+
+    fixed, moving, fixed_labels, moving_labels = brain_two_modalities(tmp_path)
+    default, affine = check_never_worse(tmp_path, fixed, moving, moving_labels, fixed_labels)
     assert affine["mean_dice_after"] > 0.5  # mutual information finds the known answer
     assert default["mean_dice_after"] >= affine["mean_dice_after"] - V.DICE_MARGIN
 
