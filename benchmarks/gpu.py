@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -41,11 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks import report as report_io
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.run import median_time
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -58,17 +53,8 @@ def _peak_mib(device: torch.device) -> float | None:
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up, CUDA synchronised."""
+    return median_time(fn, repeats, device)["median_s"]
 
 
 def copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
