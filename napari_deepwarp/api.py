@@ -43,7 +43,7 @@ def register(
     fixed_labels: PathOrVolume | None = None,
     moving_labels: PathOrVolume | None = None,
     finetune_steps: int = 0,
-    refine_steps: int = 0,
+    refine_steps: int | str = 0,
     fixed_landmarks=None,
     moving_landmarks=None,
     progress: Callable[[Progress], None] | None = None,
@@ -57,7 +57,8 @@ def register(
     grid then defaults to the checkpoint's size unless refining). The result's ``verdict`` says
     whether it improved on the affine stage; where it made the pair worse, the result is the
     affine stage's unless ``if_worse="keep"`` is passed (see ``RegistrationSettings``).
-    ``finetune_steps`` / ``refine_steps``: network fine-tuning / field refinement (0: off).
+    ``finetune_steps`` / ``refine_steps``: network fine-tuning / field refinement (0: off;
+    ``refine_steps`` may also name a preset, ``"fast"`` or ``"accurate"``).
     ``fixed_landmarks`` / ``moving_landmarks``: corresponding points ``(N, 3)``, (x, y, z) mm, or
     landmark files (CSV, Slicer .fcsv): TRE is reported.
     ``settings``: fields of :class:`~core.pipeline.RegistrationSettings` (device, affine, ...).
@@ -67,7 +68,7 @@ def register(
     from napari_deepwarp.core.finetune import FinetuneSettings
     from napari_deepwarp.core.pipeline import RegistrationSettings
     from napari_deepwarp.core.pipeline import register as run
-    from napari_deepwarp.core.refine import RefineSettings
+    from napari_deepwarp.core.refine import refine_settings
 
     network, card = None, None
     if isinstance(model, RegistrationModel):
@@ -82,11 +83,11 @@ def register(
         if path is not None:
             network, card = load_checkpoint(path)
         name = network.name if network is not None else model
-    settings.setdefault("max_size", working_size(card, refining=refine_steps > 0))
+    settings.setdefault("max_size", working_size(card, refining=bool(refine_steps)))
     config = RegistrationSettings(
         model=name,
         finetune=FinetuneSettings(steps=finetune_steps),
-        refine=RefineSettings(steps=refine_steps),
+        refine=refine_settings(refine_steps),
         **settings,
     )
     generator = run(

@@ -30,6 +30,7 @@ from napari_deepwarp.cli_types import (
     non_negative_int,
     positive_float,
     positive_int,
+    refine_spec,
 )
 
 
@@ -534,7 +535,11 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="register the built-in sample pair and show it in napari")
     p.add_argument("-o", "--output", default="deepwarp-demo", help="output folder")
     p.add_argument(
-        "--refine", type=non_negative_int, default=150, metavar="STEPS", help="field refinement"
+        "--refine",
+        type=refine_spec,
+        default="fast",
+        metavar="fast|accurate|STEPS",
+        help="field refinement (0: off)",
     )
     p.add_argument(
         "--finetune", type=non_negative_int, default=0, metavar="STEPS", help="network fine-tuning"

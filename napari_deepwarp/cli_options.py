@@ -11,6 +11,7 @@ from napari_deepwarp.cli_types import (
     output_names,
     positive_float,
     positive_int,
+    refine_spec,
 )
 
 
@@ -53,10 +54,14 @@ def add_method_options(p) -> None:
     )
     p.add_argument(
         "--refine",
-        type=non_negative_int,
+        type=refine_spec,
+        nargs="?",
+        const="fast",
         default=0,
-        metavar="STEPS",
-        help="field refinement: optimise the displacement itself, coarse to fine (fast)",
+        metavar="fast|accurate|STEPS",
+        help="field refinement after the network: fast (alone: the network's grid, 150 steps, "
+        "seconds), accurate (a 1.5 mm grid, diffeomorphic, inverse written; about a minute on a "
+        "CPU) or a step count of fast",
     )
     p.add_argument(
         "--refine-similarity",
@@ -144,7 +149,7 @@ def settings_and_model(args):
     from napari_deepwarp.core.io import InputError
     from napari_deepwarp.core.models.registry import available_models
     from napari_deepwarp.core.pipeline import AFFINE_ONLY, AUTO, RegistrationSettings
-    from napari_deepwarp.core.refine import RefineSettings
+    from napari_deepwarp.core.refine import refine_settings
 
     model, card = None, None
     checkpoint = args.checkpoint
@@ -172,7 +177,7 @@ def settings_and_model(args):
         finetune.learning_rate = args.lr
     finetune.similarity, finetune.reg_weight = args.similarity, args.reg_weight
     spacing = args.working_spacing or (card or {}).get("working_spacing_mm")
-    refine = RefineSettings(steps=max(0, args.refine), similarity=args.refine_similarity)
+    refine = refine_settings(args.refine, similarity=args.refine_similarity)
     landmarks_weight = (
         getattr(args, "landmarks_weight", 0.0) if getattr(args, "landmarks", None) else 0.0
     )
@@ -208,7 +213,7 @@ def settings_and_model(args):
         name not in (AFFINE_ONLY, AUTO)
         and model is None
         and finetune.steps == 0
-        and args.refine == 0
+        and not args.refine
         and not args.quiet
     ):
         print(
@@ -217,7 +222,7 @@ def settings_and_model(args):
             file=sys.stderr,
         )
     caveat = below_affine_stage(card) if card else None
-    if caveat and finetune.steps == 0 and args.refine == 0:
+    if caveat and finetune.steps == 0 and not args.refine:
         print(f"deepwarp: warning: {args.resolved_checkpoint}: {caveat}", file=sys.stderr)
     torch.manual_seed(args.seed)
     return settings, model
@@ -230,4 +235,4 @@ def _max_size(args, card: dict | None) -> int | None:
 
     if args.max_size or (card is None and args.model in (None, "auto")):
         return args.max_size
-    return working_size(card, refining=args.refine > 0)
+    return working_size(card, refining=bool(args.refine))

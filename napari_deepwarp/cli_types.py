@@ -60,8 +60,24 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+#: ``--refine`` presets (as ``refine.PRESETS``, without torch)
+REFINE_PRESETS = ("fast", "accurate")
+
+
+def refine_spec(text: str) -> str | int:
+    """``--refine``: a preset name (``fast``, ``accurate``) or a step count ``0, 1, 2, ...``."""
+    if text in REFINE_PRESETS:
+        return text
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a preset ({', '.join(REFINE_PRESETS)}) nor a step count"
+        ) from None
+
+
 #: the files ``deepwarp register --outputs`` can name (as ``pipeline.OUTPUTS``, without torch)
-OUTPUT_NAMES = ("warped", "labels", "displacement", "transform", "metrics")
+OUTPUT_NAMES = ("warped", "labels", "displacement", "transform", "inverse", "metrics")
 
 
 def output_names(text: str) -> list[str]:

@@ -169,6 +169,7 @@ CASES = {
         "NaN/Inf",
     ),
     "constant": (moving(lambda d: write(d / "m.nii.gz", np.full((8, 9, 10), 3.0))), "constant"),
+    "unknown refinement preset": (options("--refine", "slow"), "neither a preset"),
     "labels of another grid": (
         options("--moving-labels", "LABELS_SMALL"),
         "does not match its image",

@@ -33,8 +33,10 @@ from napari_deepwarp.core.pipeline import (
     RegistrationSettings,
     alternative,
     deformation_of,
+    inverse_transform,
     register,
 )
+from napari_deepwarp.core.preprocess import resample
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.volume import Volume
 
@@ -229,11 +231,15 @@ def _inverse_labels(request: RunRequest, result: RegistrationResult) -> Generato
         return None
     t = time.perf_counter()
     yield Progress(0, 1, "fixed labels into moving space (inverse map)", stage="inverse")
-    d = deformation_of(result)
-    w = invert_deformation(d, result.fixed.grid, iterations=30, tolerance_mm=0.01)
-    inverse = warp_to_moving(
-        request.fixed_labels, request.moving.grid, w, result.fixed.grid, result.affine, labels=True
-    )
+    if result.inverse_field is not None:  # a diffeomorphic refinement's exact inverse
+        transform = inverse_transform(result)
+        inverse = resample(request.fixed_labels, request.moving.grid, transform, "nearest")
+    else:
+        d = deformation_of(result)
+        w = invert_deformation(d, result.fixed.grid, iterations=30, tolerance_mm=0.01)
+        inverse = warp_to_moving(
+            request.fixed_labels, request.moving.grid, w, result.fixed.grid, result.affine, True
+        )
     inverse.name = f"{request.fixed_labels.name} in moving space"
     result.metrics.setdefault("seconds", {})["inverse"] = time.perf_counter() - t
     return inverse

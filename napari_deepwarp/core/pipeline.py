@@ -122,6 +122,8 @@ class RegistrationResult:
     warped_labels: Volume | None = None
     working_grid: Grid | None = None
     working_field: torch.Tensor | None = None
+    #: the inverse of ``working_field`` on ``working_grid`` (a diffeomorphic refinement's)
+    inverse_field: torch.Tensor | None = None
     model: RegistrationModel | None = None
     verdict: V.Verdict | None = None
     #: the deformable ``(working grid, field)`` that the guard set aside (see :func:`alternative`)
@@ -326,7 +328,9 @@ def deformation_of(result: RegistrationResult) -> np.ndarray:
     return result.deformation
 
 
-def working_field_image(fixed: Grid, working: Grid, working_field: torch.Tensor) -> sitk.Image:
+def working_field_image(
+    fixed: Grid, working: Grid, working_field: torch.Tensor, corners: np.ndarray | None = None
+) -> sitk.Image:
     """The working-grid field as an ITK displacement image ((x, y, z) mm, float64) that an ITK
     ``DisplacementFieldTransform`` turns into exactly the deformation of
     :func:`warp_full_resolution` at every fixed voxel.
@@ -335,11 +339,13 @@ def working_field_image(fixed: Grid, working: Grid, working_field: torch.Tensor)
     displacement outside a field), so ITK's linear interpolation equals the clamped trilinear
     upsampling. On a 256x256x160 brain this is about 90x90x60 voxels (13 MB) instead of the
     full grid (250 MB of float64), which is what makes ``transform.h5`` small and fast to write.
+    ``corners``: ``(N, 3)`` world points to cover instead of the fixed grid's corners.
     """
     from napari_deepwarp.core import io
 
     u = working_field.detach().to("cpu", torch.float64)[:1]
-    index = fixed.corners_world() @ working.world_to_index_matrix()[:3, :3].T
+    corners = fixed.corners_world() if corners is None else corners
+    index = corners @ working.world_to_index_matrix()[:3, :3].T
     index += working.world_to_index_matrix()[:3, 3]
     last = np.array(working.shape) - 1
     before = np.maximum(0, -np.floor(index.min(0) - 1e-6)).astype(int)  # (z, y, x)
@@ -351,6 +357,25 @@ def working_field_image(fixed: Grid, working: Grid, working_field: torch.Tensor)
     origin = working.index_to_world_matrix() @ np.array([*(-before), 1.0])
     grid = Grid(physical.shape[:3], working.spacing, tuple(origin[:3]), working.direction)
     return io.field_to_sitk(physical, grid)
+
+
+def inverse_transform(result: RegistrationResult) -> sitk.Transform:
+    """The ITK transform of the run's inverse map, moving points -> fixed points:
+    ``y -> z + w(z)``, ``z = A^-1 y`` (``w``: ``result.inverse_field``, padded to cover every
+    moving voxel's ``z``). Resampling fixed-space labels onto the moving grid with it takes them
+    into moving space."""
+    a_inv = np.linalg.inv(_matrix(result.affine))
+    corners = result.moving.grid.corners_world() @ a_inv[:3, :3].T + a_inv[:3, 3]
+    field = working_field_image(
+        result.fixed.grid, result.working_grid, result.inverse_field, corners=corners
+    )
+    inverse_affine = sitk.AffineTransform(3)
+    inverse_affine.SetMatrix(a_inv[:3, :3].ravel().tolist())
+    inverse_affine.SetTranslation(a_inv[:3, 3].tolist())
+    # ITK applies the last transform of a composite first: A^-1, then the field.
+    return sitk.CompositeTransform(
+        [sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)), inverse_affine]
+    )
 
 
 def _identity_warp(vol: Volume, fixed: Grid, labels: bool) -> Volume:
@@ -382,6 +407,9 @@ class _Run:
     check: _QualityCheck | None = None
     auto: dict | None = None
     refine_used: RefineSettings | None = None
+    #: ``(grid, field)``: the inverse of a diffeomorphic refinement's field, voxels of ``grid``
+    inverse: tuple | None = None
+    refine_steps_run: int = 0
     stage: str = "the network"
 
 
@@ -597,11 +625,15 @@ def _load_shipped(path) -> tuple[RegistrationModel, dict]:
 
 
 def _network_stage(run: _Run, model: RegistrationModel | None) -> Generator:
-    """Predict, fine-tune, refine; returns ``(working grid, field, model)`` (None, None, None
-    for the affine stage alone). The field: ``(1, 3, D, H, W)`` working voxels, float32."""
+    """Predict, fine-tune, refine; returns ``(grid, field, model)`` (None, None, None for the
+    affine stage alone). The field: ``(1, 3, D, H, W)`` voxels of ``grid`` (the working grid, or
+    the refinement grid of ``refine.spacing_mm``), float32. With ``model == "affine"`` and
+    refinement on, the field is refined from zero (no network)."""
     settings = run.settings
     if settings.model == AFFINE_ONLY:
-        return None, None, None
+        if settings.refine.steps <= 0:
+            return None, None, None
+        return (yield from _refine_stage(run, None, None, None, None, None, model=None))
     if model is None:
         model = create_model(settings.model)
     fixed, moving, device = run.fixed, run.moving, run.device
@@ -640,17 +672,65 @@ def _network_stage(run: _Run, model: RegistrationModel | None) -> Generator:
         run.seconds["finetune"] = time.perf_counter() - t
         run.stage = "fine-tuning"
     if settings.refine.steps > 0:
-        t = time.perf_counter()
-        # "auto" follows the pair: mutual information for two modalities or a multi-modal model
-        multimodal = model.multimodal or run.check.modality.multimodal
-        run.refine_used = for_model(settings.refine, multimodal)
-        refined = yield from _with_preview(
-            refine_field(mov_t, fix_t, field_w, run.refine_used, supervision), mov_t, grid
-        )
-        field_w = refined.displacement
-        run.seconds["refine"] = time.perf_counter() - t
-        run.stage = "refinement"
+        return (yield from _refine_stage(run, grid, field_w, mov_t, fix_t, supervision, model))
     return grid, field_w, model
+
+
+def refinement_grid(
+    fixed: Volume, working: Grid | None, spacing_mm: float, max_voxels: int
+) -> Grid:
+    """The grid that refinement with ``spacing_mm`` works on: isotropic over the fixed image's
+    foreground, at ``spacing_mm`` or the fixed image's finest spacing (the coarser), coarsened
+    until it holds at most ``max_voxels``; never coarser than the network's ``working`` grid."""
+    spacing = max(float(spacing_mm), min(fixed.spacing))
+    if working is not None:
+        spacing = min(spacing, working.spacing[0])
+    while True:
+        grid = working_grid(fixed, spacing, multiple=8, model="refinement")
+        if int(np.prod(grid.shape)) <= max_voxels:
+            return grid
+        spacing *= (np.prod(grid.shape) / max_voxels) ** (1 / 3) * 1.01
+
+
+def field_on_grid(field_w: torch.Tensor, working: Grid, target: Grid, device) -> torch.Tensor:
+    """A ``(1, 3, D, H, W)`` field in voxels of ``working`` resampled onto ``target`` (trilinear,
+    clamped) and expressed in voxels of ``target``."""
+    u = _working_field_on(target, working, field_w, device)
+    to_target = target.world_to_index_matrix()[:3, :3] @ working.index_to_world_matrix()[:3, :3]
+    m = torch.as_tensor(to_target, dtype=u.dtype, device=u.device)
+    return torch.einsum("ij,bjdhw->bidhw", m, u)
+
+
+def _refine_stage(run: _Run, grid, field_w, mov_t, fix_t, supervision, model) -> Generator:
+    """Field refinement from ``field_w`` on ``grid`` (None: from zero); on a grid of its own
+    when ``refine.spacing_mm`` is set (see :func:`refinement_grid`). Returns
+    ``(grid, field, model)``; keeps the inverse field on ``run`` when there is one."""
+    settings, device = run.settings, run.device
+    t = time.perf_counter()
+    refine = settings.refine
+    if refine.spacing_mm is not None or grid is None:
+        target = refinement_grid(run.fixed, grid, refine.spacing_mm or 2.0, refine.max_voxels)
+        if grid is not None:
+            field_w = field_on_grid(field_w, grid, target, device)
+        fix_t = _to_tensor(network_input(run.fixed, target, run.fixed_window), device)
+        mov_t = _to_tensor(network_input(run.moving, target, run.moving_window, run.affine), device)
+        if _supervised(settings):
+            supervision = supervision_on_grid(
+                target, run.affine, device, run.fixed_labels, run.moving_labels,
+                run.fixed_landmarks, run.moving_landmarks,
+            )  # fmt: skip
+        grid = target
+    # "auto" follows the pair: mutual information for two modalities or a multi-modal model
+    multimodal = (model is not None and model.multimodal) or run.check.modality.multimodal
+    run.refine_used = for_model(refine, multimodal)
+    refined = yield from _with_preview(
+        refine_field(mov_t, fix_t, field_w, run.refine_used, supervision), mov_t, grid
+    )
+    run.inverse = None if refined.inverse is None else (grid, refined.inverse)
+    run.refine_steps_run = refined.steps_run
+    run.seconds["refine"] = time.perf_counter() - t
+    run.stage = "refinement"
+    return grid, refined.displacement, model
 
 
 def _finish(
@@ -700,10 +780,18 @@ def _finish(
         warped_labels=full.warped_labels,
         working_grid=grid,
         working_field=field_w,
+        inverse_field=_inverse_of(run, grid, field_w),
         model=model,
         verdict=verdict,
         context=run,
     )
+
+
+def _inverse_of(run: _Run, grid: Grid | None, field_w: torch.Tensor | None):
+    """The inverse of ``field_w`` that a diffeomorphic refinement gave, else None."""
+    if run.inverse is None or field_w is None or run.inverse[0] is not grid:
+        return None
+    return run.inverse[1]
 
 
 def _metrics(run: _Run, full: FullResolution, grid, field_w, deformable: bool) -> dict:
@@ -724,7 +812,10 @@ def _metrics(run: _Run, full: FullResolution, grid, field_w, deformable: bool) -
         "affine_stage": affine is not None,
         "affine_from": settings.affine_from if affine is not None else None,
         "finetune_steps": settings.finetune.steps if network else 0,
-        "refine_steps": settings.refine.steps if network else 0,
+        "refine_steps": settings.refine.steps if refine_used else 0,
+        "refine_preset": refine_used.preset if refine_used else None,
+        "refine_steps_run": run.refine_steps_run if refine_used else 0,
+        "refine_diffeomorphic": bool(refine_used and refine_used.diffeomorphic),
         "refine_similarity": refine_used.similarity if refine_used else None,
         "refine_reg_weight": refine_used.reg_weight if refine_used else None,
         "fixed_shape_zyx": list(fixed.shape),
@@ -866,6 +957,7 @@ OUTPUTS = {
     "labels": "warped_labels.nii.gz",
     "displacement": "displacement.nii.gz",
     "transform": "transform.h5",
+    "inverse": "inverse_transform.h5",
     "metrics": "metrics.json",
 }
 OUTPUT_FILES = tuple(OUTPUTS.values())
@@ -877,7 +969,9 @@ def write_result(result: RegistrationResult, outdir, outputs=None) -> list:
     warped.nii.gz, warped_labels.nii.gz (with moving labels), displacement.nii.gz (the total
     physical field on the fixed grid), transform.h5 (the affine + the deformation as an ITK
     composite; its field is on the working grid, see :func:`working_field_image`; an
-    affine-only run has no field), metrics.json. ``outputs``: the names of :data:`OUTPUTS` to
+    affine-only run has no field), inverse_transform.h5 (moving points -> fixed points, where the
+    run has an inverse: a diffeomorphic refinement's, see :func:`inverse_transform`),
+    metrics.json. ``outputs``: the names of :data:`OUTPUTS` to
     write (None: all); the rest is not written (nor compressed: the displacement field's gzip is
     most of the writing time).
     """
@@ -913,6 +1007,8 @@ def write_result(result: RegistrationResult, outdir, outputs=None) -> list:
             io.write_volume(result.warped_labels, staging / OUTPUTS["labels"])
         if "transform" in wanted:
             transform_file()
+        if "inverse" in wanted and result.inverse_field is not None:
+            io.write_transform(inverse_transform(result), staging / OUTPUTS["inverse"])
 
     try:
         # The gzip of the (incompressible) displacement field takes most of the time; SimpleITK

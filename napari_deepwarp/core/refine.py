@@ -2,9 +2,19 @@
 
 The fast complement to network fine-tuning: no network in the loop, so a step costs one warp,
 one similarity and one regulariser. Coarse to fine: at level ``f`` the field lives on the
-working grid downsampled ``f`` times (values rescaled with :func:`spatial.resize_field`) and is
-compared with the images downsampled the same way (:func:`blocks.downsample_image`); the step
-budget is split evenly across levels. Early stop at the last level, as in fine-tuning.
+refinement grid downsampled ``f`` times (values rescaled with :func:`spatial.resize_field`) and
+is compared with the images downsampled the same way (:func:`blocks.downsample_image`); the
+step budget is split evenly across levels unless ``level_steps`` says otherwise.
+
+Two parameterisations: the displacement itself (``fast``), or, with ``diffeomorphic``, a
+stationary velocity field ``v`` whose exponential (scaling and squaring,
+:func:`spatial.integrate_velocity`) is the displacement: every map it gives is invertible, and
+its inverse is ``exp(-v)``, returned beside it. The network's displacement ``u`` starts it as
+``v = u`` (the first-order logarithm; the first steps correct the rest).
+
+Presets (:data:`PRESETS`): ``fast`` refines on the network's working grid (about 2.7 mm on a
+brain); ``accurate`` on a finer grid of its own (``spacing_mm``), diffeomorphic, with smaller
+similarity windows and an early stop at every level.
 """
 
 from __future__ import annotations
@@ -26,9 +36,14 @@ class RefineSettings:
     """steps: Adam steps in all; learning_rate: Adam's, in voxels of the level's grid;
     similarity: a name of :data:`losses.SIMILARITY_LOSSES` with ``similarity_kwargs``, or
     ``"auto"``: mutual information for a multi-modal model (see :func:`for_model`), else local
-    NCC (7^3 windows);
+    NCC over ``lncc_window``^3 voxels of each level;
     reg_weight: weight of ``regulariser``; levels: downsampling factors, coarse to fine;
-    labels_weight / landmarks_weight: weights of the supervision terms (0: off)."""
+    labels_weight / landmarks_weight: weights of the supervision terms (0: off);
+    level_steps: steps per level (None: ``steps`` split evenly); early_stop: "last" (watch the
+    loss at the last level only) or "each" (every level); diffeomorphic: optimise a stationary
+    velocity field (see the module docstring) with ``integration_steps`` squarings;
+    spacing_mm: the refinement grid's spacing, over the fixed image's foreground (None: the
+    network's working grid; the pipeline builds it, capped at ``max_voxels``)."""
 
     steps: int = 150
     learning_rate: float = 0.2
@@ -43,17 +58,27 @@ class RefineSettings:
     patience: int = 25
     min_delta: float = 1e-3
     preview_every: int = 10
+    level_steps: tuple[int, ...] | None = None
+    early_stop: str = "last"
+    diffeomorphic: bool = False
+    integration_steps: int = 6
+    spacing_mm: float | None = None
+    max_voxels: int = 4_000_000
+    preset: str | None = None
+    lncc_window: int = 7
 
 
 @dataclass
 class RefineResult:
-    """The refined field ``(1, 3, D, H, W)`` in voxels of the input grid, and the history."""
+    """The refined field ``(1, 3, D, H, W)`` in voxels of the input grid, and the history;
+    ``inverse``: the displacement of the inverse map on the same grid (diffeomorphic only)."""
 
     displacement: torch.Tensor
     losses: list[float]
     steps_run: int
     stopped_early: bool
     seconds: float
+    inverse: torch.Tensor | None = None
 
 
 def _level_shape(shape, factor: int) -> tuple[int, ...]:
@@ -69,7 +94,7 @@ def for_model(settings: RefineSettings, multimodal: bool) -> RefineSettings:
     (local NCC misreads a T1/T2 pair: on the spine pair it took cord Dice from 0.88 to 0.62 with
     1 % folding), with ``reg_weight`` x :data:`MI_REG_SCALE` (at the lncc weight MI folded 0.18 %
     on Mindboggle 1<-2 and the spine pair; at 3x: 0.01 % and 0 %, Dice 0.594 and 0.849), else
-    local NCC over 7^3 windows."""
+    local NCC over ``lncc_window``^3 windows."""
     if settings.similarity != "auto":
         return settings
     if multimodal:
@@ -79,7 +104,7 @@ def for_model(settings: RefineSettings, multimodal: bool) -> RefineSettings:
             similarity_kwargs={},
             reg_weight=settings.reg_weight * MI_REG_SCALE,
         )
-    return replace(settings, similarity="lncc", similarity_kwargs={"window": 7})
+    return replace(settings, similarity="lncc", similarity_kwargs={"window": settings.lncc_window})
 
 
 def refine_field(
@@ -108,13 +133,20 @@ def refine_field(
     )
     similarity = losses.similarity_loss(settings.similarity, **settings.similarity_kwargs)
     regulariser = losses.REGULARISERS[settings.regulariser]
-    per_level = max(1, settings.steps // len(settings.levels))
+    budget = level_budget(settings)
+    total = sum(budget)
+
+    def displacement_of(param: torch.Tensor) -> torch.Tensor:
+        if not settings.diffeomorphic:
+            return param
+        return spatial.integrate_velocity(param, settings.integration_steps)
+
     history: list[float] = []
     step, stopped, halted = 0, False, False
-    plateau = Plateau(settings.patience, settings.min_delta)
-    for index, factor in enumerate(settings.levels):
+    for index, (factor, n) in enumerate(zip(settings.levels, budget)):
         last = index == len(settings.levels) - 1
-        n = settings.steps - step if last else per_level
+        watch = last or settings.early_stop == "each"
+        plateau = Plateau(settings.patience, settings.min_delta)
         level_shape = _level_shape(shape, factor)
         mov = downsample_image(moving, level_shape) if factor > 1 else moving
         fix = downsample_image(fixed, level_shape) if factor > 1 else fixed
@@ -122,11 +154,12 @@ def refine_field(
         optimiser = torch.optim.Adam([param], lr=settings.learning_rate)
         for _ in range(n):
             optimiser.zero_grad(set_to_none=True)
-            loss = similarity(spatial.warp(mov, param), fix)
+            disp = displacement_of(param)
+            loss = similarity(spatial.warp(mov, disp), fix)
             loss = loss + settings.reg_weight * regulariser(param)
             if supervision is not None:
                 extra, _ = supervision.loss(
-                    spatial.resize_field(param, shape),
+                    spatial.resize_field(disp, shape),
                     settings.labels_weight,
                     settings.landmarks_weight,
                 )
@@ -138,20 +171,74 @@ def refine_field(
             history.append(value)
             preview = None
             if settings.preview_every and step % settings.preview_every == 0:
-                preview = {"displacement": spatial.resize_field(param.detach(), shape)}
+                with torch.no_grad():
+                    field = spatial.resize_field(displacement_of(param.detach()), shape)
+                preview = {"displacement": field}
             command = yield Progress(
                 step,
-                settings.steps,
+                total,
                 f"refining the field (level {index + 1}/{len(settings.levels)})",
                 stage="refine",
                 loss=value,
                 preview=preview,
             )
-            reason = stop_reason(command, plateau, value, watch=last)
+            reason = stop_reason(command, plateau, value, watch=watch)
             if reason:
                 stopped, halted = True, reason == "user"
                 break
         current = spatial.resize_field(param.detach(), shape)
         if halted:
             break
-    return RefineResult(current, history, step, stopped, time.perf_counter() - start)
+    inverse = None
+    with torch.no_grad():
+        if settings.diffeomorphic:
+            inverse = spatial.integrate_velocity(-current, settings.integration_steps)
+            current = spatial.integrate_velocity(current, settings.integration_steps)
+    seconds = time.perf_counter() - start
+    return RefineResult(current, history, step, stopped, seconds, inverse)
+
+
+def level_budget(settings: RefineSettings) -> list[int]:
+    """Steps per level: ``level_steps``, else ``steps`` split evenly (the rest at the last)."""
+    if settings.level_steps is not None:
+        if len(settings.level_steps) != len(settings.levels):
+            raise ValueError("level_steps needs one step count per level")
+        return [int(n) for n in settings.level_steps]
+    per_level = max(1, settings.steps // len(settings.levels))
+    budget = [per_level] * len(settings.levels)
+    budget[-1] = max(0, settings.steps - per_level * (len(settings.levels) - 1))
+    return budget
+
+
+#: what each preset sets; see :func:`refine_settings` (measured by ``benchmarks.refine_mindboggle``)
+PRESETS: dict[str, dict] = {
+    # the network's working grid, the displacement itself: the behaviour of ``--refine 150``
+    "fast": {"steps": 150},
+    # a 1.5 mm grid of its own, a stationary velocity field (no folding, an exact inverse),
+    # early stop at every level
+    "accurate": {
+        "steps": 75,
+        "levels": (4, 2, 1),
+        "level_steps": (25, 25, 25),
+        "diffeomorphic": True,
+        "spacing_mm": 1.5,
+        # on Mindboggle 1<-2 (cfwn's start): 1.0 gave Dice 0.664 against 0.631 at 4.0, with
+        # 0.0001 % folding; 25 steps per level beat 80/50/15 (0.661) and 10/10/10 (0.660)
+        "reg_weight": 1.0,
+        "early_stop": "each",
+        "patience": 10,
+        "min_delta": 1e-4,
+    },
+}
+
+
+def refine_settings(spec: str | int, **overrides) -> RefineSettings:
+    """:class:`RefineSettings` for ``--refine SPEC``: a preset name of :data:`PRESETS`, or a step
+    count (the ``fast`` behaviour with that many steps; 0: off). ``overrides``: fields to set."""
+    if isinstance(spec, str) and not spec.isdigit():
+        if spec not in PRESETS:
+            raise ValueError(
+                f"unknown refinement preset {spec!r}; choose from {', '.join(PRESETS)}"
+            )
+        return RefineSettings(**{**PRESETS[spec], "preset": spec, **overrides})
+    return RefineSettings(steps=int(spec), **overrides)
