@@ -53,6 +53,11 @@ def markdown(rows: list[dict], pairs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def table(report: dict) -> str:
+    """The Markdown table of a report this script wrote (the docs render it from the JSON)."""
+    return markdown(report["rows"], report["pairs"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

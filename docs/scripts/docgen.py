@@ -388,6 +388,12 @@ def _render_verdict(report: dict) -> str:
     return table(report)
 
 
+def _render_refine(report: dict) -> str:
+    from benchmarks.refine_mindboggle import table
+
+    return table(report)
+
+
 #: data file stem (before any ``-label``) -> (title, renderer)
 RENDERERS = {
     "budget": (
@@ -403,6 +409,10 @@ RENDERERS = {
     "run": ("Speed and memory, side by side", _render_run),
     "checkpoints_mindboggle": ("Every shipped checkpoint on Mindboggle", _render_checkpoints),
     "affine_mindboggle": ("The affine stage on Mindboggle", _render_affine),
+    "refine_mindboggle": (
+        "Field refinement (fast, accurate) against FireANTs on Mindboggle",
+        _render_refine,
+    ),
 }
 
 

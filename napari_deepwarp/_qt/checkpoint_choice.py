@@ -24,6 +24,7 @@ from napari_deepwarp.core.models.registry import available_models
 from napari_deepwarp.core.pipeline import AFFINE_ONLY
 
 from .exports import notify_error
+from .setup_tab import REFINING
 
 UNTRAINED = "(none: untrained)"
 BROWSE = "Browse…"
@@ -143,7 +144,7 @@ class CheckpointChoice:
                 card = read_card(path)
             except (CheckpointError, OSError):
                 card = None
-        self.max_size.setValue(working_size(card, refining=self.mode.currentData() == "refine"))
+        self.max_size.setValue(working_size(card, refining=self.mode.currentData() in REFINING))
 
     def _show_card(self, *_):
         self._suggest_max_size()

@@ -13,11 +13,11 @@ from napari.layers import Image
 from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import InputError, check_image, check_labels_match
 from napari_deepwarp.core.pipeline import AFFINE_ONLY, RegistrationSettings
-from napari_deepwarp.core.refine import RefineSettings
+from napari_deepwarp.core.refine import RefineSettings, refine_settings
 from napari_deepwarp.layers import LABEL_WORDS, data_to_world, volume_from_layer
 
 from .checkpoint_choice import BROWSE
-from .setup_tab import NONE, ROLES, SIMILARITIES
+from .setup_tab import NONE, REFINING, ROLES, SIMILARITIES
 from .worker import RunRequest
 
 
@@ -184,14 +184,17 @@ class InputChoice:
         mode = self.mode.currentData()
         steps = self.steps.value()
         finetune = FinetuneSettings(steps=steps if mode == "finetune" else 0)
-        refine = RefineSettings(steps=steps if mode == "refine" else 0)
+        if mode == "refine_accurate":  # the preset's own steps per level
+            refine = refine_settings("accurate")
+        else:
+            refine = RefineSettings(steps=steps if mode == "refine" else 0)
         target = finetune if mode == "finetune" else refine
         similarity = self.similarity.currentText()
         if similarity != SIMILARITIES[0]:
             target.similarity = similarity
             if similarity == "lncc" and mode == "finetune":
                 target.similarity_kwargs = {"window": 7}
-            elif mode == "refine":
+            elif mode in REFINING:
                 target.similarity_kwargs = {"window": 7} if similarity == "lncc" else {}
         target.reg_weight = self.reg_weight.value()
         if labels["fixed"] is not None and labels["moving"] is not None:
@@ -216,10 +219,10 @@ class InputChoice:
         if settings.finetune.steps:
             parts.append(f"finetune {settings.finetune.steps}")
         if settings.refine.steps:
-            parts.append(f"refine {settings.refine.steps}")
+            parts.append(f"refine {settings.refine.preset or settings.refine.steps}")
         for tuned, default in (
             (settings.finetune, FinetuneSettings()),
-            (settings.refine, RefineSettings()),
+            (settings.refine, refine_settings(settings.refine.preset or "fast")),
         ):
             if tuned.steps and tuned.similarity != default.similarity:
                 parts.append(str(tuned.similarity))

@@ -47,7 +47,14 @@ ROLES = {
     "fixed points": (Points, True),
     "moving points": (Points, True),
 }
-MODES = (("none", "none"), ("network fine-tuning", "finetune"), ("field refinement", "refine"))
+MODES = (
+    ("none", "none"),
+    ("network fine-tuning", "finetune"),
+    ("field refinement: fast", "refine"),
+    ("field refinement: accurate (1.5 mm, no folding)", "refine_accurate"),
+)
+#: the modes that refine the field
+REFINING = ("refine", "refine_accurate")
 SIMILARITIES = ("(default)", "lncc", "ncc", "ncc_ssd", "mi", "mse")
 
 

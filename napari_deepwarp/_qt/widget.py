@@ -35,7 +35,7 @@ from napari_deepwarp.core.finetune import FinetuneSettings
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.label_names import name_labels
 from napari_deepwarp.core.progress import STOP
-from napari_deepwarp.core.refine import RefineSettings
+from napari_deepwarp.core.refine import refine_settings
 from napari_deepwarp.layers import (
     for_display,
     on_label_names,
@@ -153,9 +153,13 @@ class DeepwarpWidget(CheckpointChoice, InputChoice, RunExports, ResultView, QWid
         mode = self.mode.currentData()
         for w in (self.steps, self.similarity, self.reg_weight):
             w.setEnabled(mode != "none")
-        default = FinetuneSettings() if mode == "finetune" else RefineSettings()
+        self.steps.setEnabled(mode not in ("none", "refine_accurate"))  # the preset's own steps
+        if mode == "finetune":
+            default = FinetuneSettings()
+        else:
+            default = refine_settings("accurate" if mode == "refine_accurate" else "fast")
         self.reg_weight.setValue(default.reg_weight)
-        self.steps.setValue(100 if mode == "finetune" else 150)
+        self.steps.setValue(100 if mode == "finetune" else default.steps)
         self._suggest_max_size()
 
     def run(self) -> None:

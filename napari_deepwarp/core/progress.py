@@ -55,7 +55,8 @@ class Plateau:
         self.best, self.waited = float("inf"), 0
 
     def update(self, value: float) -> bool:
-        if value < self.best - self.min_delta * abs(self.best):
+        # The first value is the best so far (inf - min_delta * inf would be NaN: never better).
+        if self.best == float("inf") or value < self.best - self.min_delta * abs(self.best):
             self.best, self.waited = value, 0
         else:
             self.waited += 1

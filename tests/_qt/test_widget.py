@@ -376,3 +376,33 @@ def test_a_colour_table_chosen_in_setup_and_a_bad_one_refused(
     assert w.setup_tab.chosen_names().names == {1: "first"}
     w.label_names.setCurrentText(setup_tab.BUILTIN_NAMES)
     assert w.setup_tab.chosen_names().name(17) == "Left-Hippocampus"
+
+
+def test_accurate_refinement_takes_labels_to_moving_space_through_its_own_inverse(
+    open_widget, notes, qtbot, monkeypatch
+):
+    """The accurate preset: its own steps (the spin box is off), a diffeomorphic field, and the
+    labels -> moving view through the run's exact inverse, not the fixed-point iteration."""
+    from napari_deepwarp._qt import worker
+
+    monkeypatch.setattr(
+        worker, "invert_deformation", lambda *a, **k: pytest.fail("iterated the inverse")
+    )
+    viewer, w = open_widget()
+    w.mode.setCurrentIndex(3)  # field refinement: accurate
+    assert w.mode.currentData() == "refine_accurate" and not w.steps.isEnabled()
+    assert w.reg_weight.value() == 1.0
+    w.run_button.click()
+    wait_idle(qtbot, w)
+    assert not [n for n in notes if n.startswith("show_error")], notes
+    (record,) = w.records
+    assert "refine accurate" in record.name
+    metrics = record.result.metrics
+    assert metrics["refine_preset"] == "accurate" and metrics["refine_diffeomorphic"]
+    assert record.result.inverse_field is not None
+    _show(w, qtbot, "labels → moving")
+    inverse = viewer.layers["labels → moving · run 1"]
+    assert inverse.data.shape == viewer.layers["sample moving"].data.shape
+    moving_labels = viewer.layers["sample moving labels"].data
+    both = (inverse.data > 0) & (moving_labels > 0)
+    assert both.sum() > 0.5 * (moving_labels > 0).sum()  # the labels land on the moving anatomy

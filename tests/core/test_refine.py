@@ -49,3 +49,22 @@ def test_stop_keeps_the_field_reached_so_far(registration_pair):
     assert result.steps_run == 3 and result.stopped_early
     assert result.displacement.shape == (1, 3, *fixed.shape[2:])
     assert result.displacement.abs().max() > 0  # three steps of optimisation are kept
+
+
+def test_plateau_waits_for_the_loss_to_stop_improving():
+    from napari_deepwarp.core.progress import Plateau
+
+    falling = Plateau(patience=3, min_delta=1e-3)
+    assert not any(falling.update(1.0 - 0.01 * k) for k in range(50))  # improves every step
+    flat = Plateau(patience=3, min_delta=1e-3)
+    assert [flat.update(v) for v in (1.0, 1.0, 0.9999, 1.0)] == [False, False, False, True]
+
+
+def test_early_stop_at_every_level_lets_a_falling_loss_run(registration_pair):
+    moving, fixed, *_ = registration_pair()
+    settings = RefineSettings(
+        steps=30, levels=(2, 1), level_steps=(15, 15), early_stop="each", patience=5,
+        learning_rate=0.02, preview_every=0,
+    )  # fmt: skip
+    _, result = run_generator(refine_field(moving, fixed, None, settings))
+    assert result.steps_run == 30 and not result.stopped_early
