@@ -6,7 +6,11 @@ For the affine stage alone and for each checkpoint (a shipped name or a path), i
 command line's own code path (files read to files written) on each pair and reports Dice of the
 label maps (prostate gland: the first of the three volumes of the 4D label file, written to a
 temporary 3D file on the image's grid; spinal cord) before, after the affine stage and after,
-folding % and seconds. With ``--refine N`` each checkpoint is also run with ``--refine N``; with
+folding % and seconds, and the similarity the verdict measured (mutual information for two
+modalities) after the affine stage and after. Every run keeps its own result (``--if-worse
+keep``): the table shows what the network did, not the guard's fallback. A third pair has a
+known answer: Mindboggle subject 1 against a T2-like copy of itself (label-wise random
+intensities, moved by a known rigid transform; see ``benchmarks.verdict``), 98 labels. With ``--refine N`` each checkpoint is also run with ``--refine N``; with
 ``--affine-from-labels`` everything is run again with the affine stage aligning the label maps
 (``--affine-from labels``; Dice is then not an independent check of that stage). Writes
 ``multimodal.json`` and ``multimodal.md`` into the folder ``--out``. Needs ../shared/data (not
@@ -58,13 +62,33 @@ def first_volume(labels: str, image: str, out: Path) -> str:
     return str(path)
 
 
-def run(pair: str, extra: list[str]) -> dict:
-    fixed, moving, fixed_labels, moving_labels = (str(DATA / p) for p in PAIRS[pair])
+#: the pair built from one brain (see ``benchmarks.verdict.brain_two_modalities``)
+BRAIN = "brain T1 <- T2-like (subject 1)"
+
+
+def pair_files(pair: str, folder: Path) -> tuple[str, ...]:
+    if pair == BRAIN:
+        from benchmarks.verdict import brain_two_modalities
+
+        if not (folder / "brain1_t2like.nii.gz").exists():
+            brain_two_modalities(folder)
+        mindboggle = DATA / "mindboggle"
+        return (
+            str(mindboggle / "oasis_trt20_1_t1.nii.gz"),
+            str(folder / "brain1_t2like.nii.gz"),
+            str(mindboggle / "oasis_trt20_1_labels.nii.gz"),
+            str(folder / "brain1_t2like_labels.nii.gz"),
+        )
+    return tuple(str(DATA / p) for p in PAIRS[pair])
+
+
+def run(pair: str, extra: list[str], folder: Path) -> dict:
+    fixed, moving, fixed_labels, moving_labels = pair_files(pair, folder)
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as scratch:
         fixed_labels = first_volume(fixed_labels, fixed, Path(scratch))
         moving_labels = first_volume(moving_labels, moving, Path(scratch))
         start = time.perf_counter()
-        args = ["register", fixed, moving, "-o", out, "-q"]
+        args = ["register", fixed, moving, "-o", out, "-q", "--if-worse", "keep"]
         args += ["--fixed-labels", fixed_labels, "--moving-labels", moving_labels, *extra]
         if deepwarp(args) != 0:
             raise SystemExit(f"deepwarp {' '.join(args)} failed")
@@ -75,6 +99,9 @@ def run(pair: str, extra: list[str]) -> dict:
         "dice_affine": metrics.get("mean_dice_affine"),
         "dice_after": metrics["mean_dice_after"],
         "folding_percent": metrics["folding_percent"],
+        "similarity": metrics["verdict"]["similarity"],
+        "similarity_affine": metrics["verdict"]["similarity_baseline"],
+        "similarity_after": metrics["verdict"]["similarity_result"],
         "wall_s": wall,
     }
 
@@ -92,14 +119,22 @@ def resolve(name: str) -> Path:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| pair | method | Dice before | after affine | after | folding % | s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        (
+            "| pair | method | Dice before | after affine | after | similarity after affine | "
+            "after | folding % | s |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         affine = "-" if r["dice_affine"] is None else f"{r['dice_affine']:.3f}"
+        if "similarity" in r:
+            name = {"mi": "MI", "lncc": "LNCC"}.get(r["similarity"], r["similarity"])
+            sim = f"{name} {r['similarity_affine']:.3f} | {name} {r['similarity_after']:.3f}"
+        else:  # measured before the benchmark recorded it
+            sim = "- | -"
         lines.append(
             f"| {r['pair']} | {r['method']} | {r['dice_before']:.3f} | {affine} | "
-            f"{r['dice_after']:.3f} | {r['folding_percent']:.3f} | {r['wall_s']:.1f} |"
+            f"{r['dice_after']:.3f} | {sim} | {r['folding_percent']:.3f} | {r['wall_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -127,9 +162,14 @@ def main() -> None:
             for method, extra in methods
         ]
     rows = []
-    for pair in PAIRS:
+    scratch = Path(tempfile.mkdtemp(prefix="multimodal-"))
+    for pair in (*PAIRS, BRAIN):
         for method, extra in methods:
-            row = {"pair": pair, "method": method, **run(pair, [*extra, "--device", args.device])}
+            row = {
+                "pair": pair,
+                "method": method,
+                **run(pair, [*extra, "--device", args.device], scratch),
+            }
             rows.append(row)
             print(f"{pair} | {method}: Dice {row['dice_after']:.3f}", flush=True)
     report = {

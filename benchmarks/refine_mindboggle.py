@@ -1,7 +1,7 @@
 """Field refinement against the best optimiser, side by side on Mindboggle pairs.
 
     python -m benchmarks.refine_mindboggle --pairs 1:2,3:4,5:1 \\
-        --fireants docs/benchmarks/data/fireants_mindboggle.json \\
+        --fireants docs/benchmarks/data/fireants/fireants_mindboggle.json \\
         --out docs/benchmarks/data/refine_mindboggle
 
 For every pair, in one run and on one machine: the affine stage alone; ``deepwarp register
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -98,9 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.refine_mindboggle " + " ".join(argv or [])
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m benchmarks.refine_mindboggle " + " ".join(given)
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    report = {"command": command.strip(), "machine": machine, "pairs": pairs, "rows": rows}
+    report = {
+        "command": command.strip(),
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_1min": os.getloadavg()[0],
+        "pairs": pairs,
+        "rows": rows,
+    }
     out.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     table = markdown(rows, pairs)
     out.with_suffix(".md").write_text(
