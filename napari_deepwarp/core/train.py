@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -286,7 +287,7 @@ def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
         config = {**card["config"], **settings.config} if same else settings.config
         target = _create(card["architecture"] if same else name, config)
         try:
-            _load_kept_weights(target, model.state_dict(), drop_allowed=same)
+            _load_kept_weights(target, model, drop_allowed=same)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             if same:
@@ -305,18 +306,46 @@ def _build(settings: TrainSettings) -> tuple[RegistrationModel, dict | None]:
     return _create(name or "voxelmorph", settings.config).train(), None
 
 
-def _load_kept_weights(target: RegistrationModel, weights: dict, drop_allowed: bool) -> None:
-    """Load ``weights`` into ``target``; with ``drop_allowed``, weights of layers that ``target``
-    no longer has (e.g. ``--config use_affine=false`` drops LinDef's affine head) are left out.
-    Every layer of ``target`` must get its weights: a new or reshaped layer raises RuntimeError."""
+def _load_kept_weights(
+    target: RegistrationModel, parent: RegistrationModel, drop_allowed: bool
+) -> None:
+    """Load ``parent``'s weights into ``target``; with ``drop_allowed``, weights of layers that
+    ``target`` no longer has (e.g. ``--config use_affine=false`` drops LinDef's affine head) are
+    left out, and layers that ``target`` adds (``use_affine=true``) keep their own
+    initialisation, but only where that leaves the prediction unchanged (LinDef's affine head
+    starts as the exact identity), so training starts from what the checkpoint learnt. Any other
+    new or reshaped layer raises RuntimeError."""
+    weights = parent.state_dict()
     if not drop_allowed:
         target.load_state_dict(weights, strict=True)
         return
-    kept = target.state_dict().keys()
-    missing = [k for k in kept if k not in weights]
-    if missing:
+    own = target.state_dict()
+    missing = [k for k in own if k not in weights]
+    target.load_state_dict({**own, **{k: v for k, v in weights.items() if k in own}}, strict=True)
+    if not missing:
+        return
+    if not _same_prediction(target, parent):
         raise RuntimeError(f"new layers without weights in the checkpoint: {', '.join(missing)}")
-    target.load_state_dict({k: v for k, v in weights.items() if k in kept}, strict=True)
+    print(
+        "deepwarp: note: layers new to --init start from their identity initialisation: "
+        + ", ".join(missing),
+        file=sys.stderr,
+    )
+
+
+def _same_prediction(a: RegistrationModel, b: RegistrationModel) -> bool:
+    """Whether two networks predict the same displacement (1e-5 voxels) on a random pair."""
+    side = max(16, 2 * int(a.size_multiple), 2 * int(b.size_multiple))
+    g = torch.Generator().manual_seed(0)
+    pair = [torch.rand(1, 1, side, side, side, generator=g) for _ in range(2)]
+    modes = a.training, b.training
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        same = torch.allclose(a(*pair).displacement, b(*pair).displacement, atol=1e-5)
+    a.train(modes[0])
+    b.train(modes[1])
+    return bool(same)
 
 
 def _create(name: str, config: dict) -> RegistrationModel:

@@ -349,9 +349,12 @@ def test_config_overrides_apply_on_top_of_the_init_checkpoint(tmp_path, one_thre
         run_generator(train(wider))
 
 
-def test_an_override_may_drop_a_part_of_the_init_network_but_not_add_one(tmp_path, one_thread):
+def test_an_override_may_drop_a_part_of_the_init_network_or_add_an_identity_one(
+    tmp_path, one_thread
+):
     """--init lindef.pt --config use_affine=false: the paper's "w/o Affine" variant starts from
-    the full network's encoder and decoder; the reverse would leave a head untrained."""
+    the full network's encoder and decoder; the reverse adds the affine head, which starts as
+    the exact identity, so the network starts by predicting what its parent predicts."""
     small = {"enc_channels": [4, 4], "enc_dilations": [1, 2], "dec_channels": [4]}
     full = settings(tmp_path, "full.pt", model="lindef", config=small, shape=(16, 16, 16), steps=1)
     run_generator(train(full))
@@ -369,5 +372,27 @@ def test_an_override_may_drop_a_part_of_the_init_network_but_not_add_one(tmp_pat
     assert kept and all(torch.equal(kept[k], parent.state_dict()[k]) for k in kept)
     assert read_card(tmp_path / "noaffine.pt")["config"]["use_affine"] is False
     added = started_from("noaffine.pt", "again.pt", use_affine=True)
-    with pytest.raises(InputError, match="new layers without weights.*affine"):
-        run_generator(train(added))
+    added.steps, added.learning_rate = 1, 0.0
+    _, again = run_generator(train(added))
+    assert again.model.affine is not None
+    noaffine, _ = load_checkpoint(tmp_path / "noaffine.pt")
+    pair = [torch.rand(1, 1, 16, 16, 16) for _ in range(2)]
+    with torch.no_grad():
+        before = noaffine.eval()(*pair).displacement
+        after = again.model.eval()(*pair).displacement
+    assert torch.allclose(before, after, atol=1e-5)
+    # A head that would change the prediction is refused.
+    from napari_deepwarp.core import train as train_module
+
+    target = train_module._create("lindef", {**small, "use_affine": True})
+    with torch.no_grad():
+        target.affine.bias.add_(0.1)
+    real = train_module._create
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(train_module, "_create", lambda name, config: target)
+    try:
+        with pytest.raises(InputError, match="new layers without weights.*affine"):
+            run_generator(train(started_from("noaffine.pt", "bad.pt", use_affine=True)))
+    finally:
+        monkeypatch.undo()
+    assert train_module._create is real
