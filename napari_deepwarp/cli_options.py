@@ -60,7 +60,7 @@ def add_method_options(p) -> None:
         default=0,
         metavar="fast|accurate|STEPS",
         help="field refinement after the network: fast (alone: the network's grid, 150 steps, "
-        "seconds), accurate (a 1.5 mm grid, diffeomorphic, inverse written; about a minute on a "
+        "seconds), accurate (a 1.25 mm grid, diffeomorphic, inverse written; about a minute on a "
         "CPU) or a step count of fast",
     )
     p.add_argument(

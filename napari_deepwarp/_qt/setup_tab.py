@@ -51,7 +51,7 @@ MODES = (
     ("none", "none"),
     ("network fine-tuning", "finetune"),
     ("field refinement: fast", "refine"),
-    ("field refinement: accurate (1.5 mm, no folding)", "refine_accurate"),
+    ("field refinement: accurate (1.25 mm, no folding)", "refine_accurate"),
 )
 #: the modes that refine the field
 REFINING = ("refine", "refine_accurate")

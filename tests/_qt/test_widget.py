@@ -384,6 +384,7 @@ def test_accurate_refinement_takes_labels_to_moving_space_through_its_own_invers
     """The accurate preset: its own steps (the spin box is off), a diffeomorphic field, and the
     labels -> moving view through the run's exact inverse, not the fixed-point iteration."""
     from napari_deepwarp._qt import worker
+    from napari_deepwarp.core.refine import PRESETS
 
     monkeypatch.setattr(
         worker, "invert_deformation", lambda *a, **k: pytest.fail("iterated the inverse")
@@ -391,7 +392,7 @@ def test_accurate_refinement_takes_labels_to_moving_space_through_its_own_invers
     viewer, w = open_widget()
     w.mode.setCurrentIndex(3)  # field refinement: accurate
     assert w.mode.currentData() == "refine_accurate" and not w.steps.isEnabled()
-    assert w.reg_weight.value() == 1.0
+    assert w.reg_weight.value() == PRESETS["accurate"]["reg_weight"]
     w.run_button.click()
     wait_idle(qtbot, w)
     assert not [n for n in notes if n.startswith("show_error")], notes

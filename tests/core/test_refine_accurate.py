@@ -91,7 +91,8 @@ def test_accurate_refinement_from_the_affine_stage(accurate_run):
     result, *_ = accurate_run
     m = result.metrics
     assert m["refine_preset"] == "accurate" and m["refine_diffeomorphic"]
-    assert 0 < m["refine_steps_run"] <= 60 and m["working_grid"]["spacing_mm"] == 1.5
+    spacing = PRESETS["accurate"]["spacing_mm"]
+    assert 0 < m["refine_steps_run"] <= 60 and m["working_grid"]["spacing_mm"] == spacing
     assert m["mean_dice_after"] > m["mean_dice_affine"]
     assert m["folding_percent"] == 0.0
     assert result.inverse_field is not None
@@ -112,7 +113,7 @@ def test_inverse_transform_file_undoes_the_forward_one(accurate_run, tmp_path):
         np.linalg.norm(np.subtract(inverse.TransformPoint(forward.TransformPoint(tuple(p))), p))
         for p in points
     ]
-    # Far below a voxel of the 1.5 mm refinement grid (trilinear fields, squaring error).
+    # Far below a voxel of the 1.25 mm refinement grid (trilinear fields, squaring error).
     assert np.median(errors) < 0.05 and max(errors) < 0.3, (np.median(errors), max(errors))
 
     # The moving labels, pulled into fixed space by the run, return to where they came from
