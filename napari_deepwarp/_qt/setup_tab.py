@@ -209,7 +209,7 @@ class SetupTab(QWidget):
             ("precision", self.precision),
             (None, self.affine),
             ("affine aligns", self.affine_from),
-            ("fine-tuning", self.mode),
+            ("optimise on the pair", self.mode),
             ("steps", self.steps),
             ("similarity", self.similarity),
             ("regularisation", self.reg_weight),
