@@ -13,8 +13,8 @@ its inverse is ``exp(-v)``, returned beside it. The network's displacement ``u``
 ``v = u`` (the first-order logarithm; the first steps correct the rest).
 
 Presets (:data:`PRESETS`): ``fast`` refines on the network's working grid (about 2.7 mm on a
-brain); ``accurate`` on a finer grid of its own (``spacing_mm``), diffeomorphic, with smaller
-similarity windows and an early stop at every level.
+brain); ``accurate`` on a finer grid of its own (``spacing_mm``, 1.25 mm), diffeomorphic, with
+a weaker regulariser and an early stop at every level.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ class RefineSettings:
     loss at the last level only) or "each" (every level); diffeomorphic: optimise a stationary
     velocity field (see the module docstring) with ``integration_steps`` squarings;
     spacing_mm: the refinement grid's spacing, over the fixed image's foreground (None: the
-    network's working grid; the pipeline builds it, capped at ``max_voxels``)."""
+    network's working grid; the pipeline builds it, capped at ``max_voxels``); preset: the
+    :data:`PRESETS` name these settings came from (None: built by hand); lncc_window: local
+    NCC's window (voxels of each level); mi_reg_weight: ``reg_weight`` when "auto" picks mutual
+    information (None: ``reg_weight`` x :data:`MI_REG_SCALE`)."""
 
     steps: int = 150
     learning_rate: float = 0.2
