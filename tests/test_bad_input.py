@@ -286,6 +286,13 @@ def test_other_commands_check_their_outputs_up_front(pair, capsys):
     assert "is an existing file" in capsys.readouterr().err
     assert run(["train", "--steps", "0", "-o", str(d / "x.pt")]) == 2
     assert "argument --steps" in capsys.readouterr().err
+    for setting, expected in (
+        ("label_grid=9.5", "takes a whole number"),
+        ("still=yes", "takes a number"),
+    ):
+        assert run(["train", "--steps", "1", "--synth", setting, "-o", str(d / "x.pt")]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (d / "x.pt").exists()
 
 
 # --- accepted: multi-channel label maps ----------------------------------------------------------

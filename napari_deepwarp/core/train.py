@@ -228,6 +228,22 @@ def synth_settings(settings: TrainSettings) -> SynthSettings:
     if unknown:
         raise InputError(f"--synth: no setting(s) {unknown}; known: {', '.join(sorted(known))}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.synth.items()}
+    defaults = SynthSettings()
+    for key, value in values.items():
+        wanted = type(getattr(defaults, key))
+        if wanted is float and type(value) is int:
+            values[key] = float(value)
+        elif type(value) is not wanted:
+            kind, example = {
+                int: ("a whole number", "8"),
+                float: ("a number", "2.5"),
+                bool: ("true or false", "true"),
+                tuple: ("a [low, high] pair", "[0.1,0.5]"),
+            }[wanted]
+            raise InputError(
+                f"--synth {key}={json.dumps(value)}: {key} takes {kind} "
+                f"(for example {key}={example})"
+            )
     return SynthSettings(
         **{"shape": tuple(settings.shape), "same_contrast": settings.contrast == "same", **values}
     )
