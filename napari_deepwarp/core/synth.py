@@ -10,7 +10,8 @@ pair is drawn that often with no motion between its sides (both label maps under
 transform, true field zero; the images still differ in bias, blur, noise, gamma and, unless
 ``same_contrast``, contrast): a network that only ever sees moving pairs learns no reason to
 keep still where the two images agree, and on out-of-distribution real scans it drifts. Each
-side then gets its own image: random intensity per label,
+side then gets its own image: random intensity per label (with ``merge`` > 0, that often
+shared by random groups of labels),
 a smooth multiplicative bias field, blur, noise and a gamma, so that a network trained on them
 learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
 
@@ -56,6 +57,8 @@ class SynthSettings:
     blob: tuple[float, float] = (0.55, 0.9)
     # probability that a pair has no motion between its sides (same transform; true field 0)
     still: float = 0.0
+    # probability that an image's labels share a few intensities (see ``_intensities``)
+    merge: float = 0.0
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -118,8 +121,18 @@ def random_deformation(s: SynthSettings, batch: int, g: torch.Generator, device)
 
 
 def _intensities(n: int, s: SynthSettings, g: torch.Generator, device) -> torch.Tensor:
-    """Random intensity per label; label 0 is the dark background when ``s.background`` > 0."""
+    """Random intensity per label; label 0 is the dark background when ``s.background`` > 0.
+
+    With probability ``s.merge`` the labels are first dealt at random into ``k`` classes (``k``
+    from 2 to half the labels) that share one intensity each, as a modality shows several
+    structures alike that another tells apart (T1 shows the cortex's parcels as one grey that
+    T2, ultrasound or a label-wise remapping may not). Drawn per image, so one side of a pair
+    of independent contrasts has boundaries the other lacks, and the network learns to leave
+    them alone."""
     values = torch.rand(n, generator=g, device=device)
+    if s.merge > 0 and n > 3 and float(torch.rand(1, generator=g, device=device)) < s.merge:
+        k = int(torch.randint(2, n // 2 + 1, (1,), generator=g, device=device))
+        values = values[torch.randint(0, k, (n,), generator=g, device=device)]
     if s.background > 0:
         values[0] = 0.0
     return values

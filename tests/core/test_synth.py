@@ -138,3 +138,24 @@ def test_still_pairs_have_no_motion_and_the_rest_are_unchanged():
     # still = 0 draws nothing extra: the default random stream (and old seeds) are unchanged.
     again = synthetic_pair(SynthSettings(**{**base.__dict__, "still": 0.0}), 6, 3, field=True)
     assert torch.equal(again["moving"], moving_pairs["moving"])
+
+
+def test_merged_labels_share_intensities_on_one_side_only():
+    clean = dict(noise=(0.0, 0.0), bias=0.0, blur=(0.0, 0.0), gamma=0.0, labels=(20, 20))
+    base = SynthSettings(shape=(24, 24, 24), **clean)
+
+    def distinct(image, labels):  # intensities of the labels present, rounded
+        return {round(float(image[labels == k][0]), 4) for k in labels.unique().tolist()}
+
+    plain = synthetic_pair(base, batch=1, seed=5)
+    present = len(plain["fixed_labels"].unique())
+    assert len(distinct(plain["fixed"], plain["fixed_labels"])) == present
+    # merge = 1: every image deals its labels into at most half as many shared intensities,
+    # each side its own grouping (independent contrasts), so their boundaries differ.
+    merged = synthetic_pair(SynthSettings(**{**base.__dict__, "merge": 1.0}), batch=1, seed=5)
+    for side in ("moving", "fixed"):
+        assert len(distinct(merged[side], merged[f"{side}_labels"])) <= 10
+    assert torch.equal(merged["fixed_labels"], plain["fixed_labels"])  # the anatomy is the same
+    # merge = 0 draws nothing extra: old seeds give the same pairs.
+    again = synthetic_pair(SynthSettings(**{**base.__dict__, "merge": 0.0}), batch=1, seed=5)
+    assert torch.equal(again["moving"], plain["moving"])
