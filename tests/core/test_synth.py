@@ -141,8 +141,8 @@ def test_still_pairs_have_no_motion_and_the_rest_are_unchanged():
 
 
 def test_merged_labels_share_intensities_on_one_side_only():
-    clean = dict(noise=(0.0, 0.0), bias=0.0, blur=(0.0, 0.0), gamma=0.0, labels=(20, 20))
-    base = SynthSettings(shape=(24, 24, 24), **clean)
+    base = SynthSettings(shape=(24, 24, 24), noise=(0.0, 0.0), bias=0.0, blur=(0.0, 0.0))
+    base.gamma, base.labels = 0.0, (20, 20)
 
     def distinct(image, labels):  # intensities of the labels present, rounded
         return {round(float(image[labels == k][0]), 4) for k in labels.unique().tolist()}
