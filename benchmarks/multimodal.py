@@ -10,11 +10,13 @@ folding % and seconds, and the similarity the verdict measured (mutual informati
 modalities) after the affine stage and after. Every run keeps its own result (``--if-worse
 keep``): the table shows what the network did, not the guard's fallback. A third pair has a
 known answer: Mindboggle subject 1 against a T2-like copy of itself (label-wise random
-intensities, moved by a known rigid transform; see ``benchmarks.verdict``), 98 labels. With ``--refine N`` each checkpoint is also run with ``--refine N``; with
-``--affine-from-labels`` everything is run again with the affine stage aligning the label maps
-(``--affine-from labels``; Dice is then not an independent check of that stage). Writes
-``multimodal.json`` and ``multimodal.md`` into the folder ``--out``. Needs ../shared/data (not
-shipped).
+intensities, moved by a known rigid transform; see ``benchmarks.verdict``), 98 labels;
+``--brain-subject N`` builds it from another subject instead, a pair to choose between
+trainings on outside the reported figures. With ``--refine N`` each checkpoint is also run with
+``--refine N``; with ``--affine-from-labels`` everything is run again with the affine stage
+aligning the label maps (``--affine-from labels``; Dice is then not an independent check of
+that stage). Writes ``multimodal.json`` and ``multimodal.md`` into the folder ``--out``. Needs
+../shared/data (not shipped).
 """
 
 from __future__ import annotations
@@ -63,27 +65,27 @@ def first_volume(labels: str, image: str, out: Path) -> str:
 
 
 #: the pair built from one brain (see ``benchmarks.verdict.brain_two_modalities``)
-BRAIN = "brain T1 <- T2-like (subject 1)"
+BRAIN = "brain T1 <- T2-like (subject {subject})"
 
 
-def pair_files(pair: str, folder: Path) -> tuple[str, ...]:
-    if pair == BRAIN:
+def pair_files(pair: str, folder: Path, subject: int = 1) -> tuple[str, ...]:
+    if pair == BRAIN.format(subject=subject):
         from benchmarks.verdict import brain_two_modalities
 
-        if not (folder / "brain1_t2like.nii.gz").exists():
-            brain_two_modalities(folder)
-        mindboggle = DATA / "mindboggle"
+        mindboggle, copy = DATA / "mindboggle", folder / f"brain{subject}_t2like"
+        if not Path(f"{copy}.nii.gz").exists():  # made once per folder
+            brain_two_modalities(folder, subject)
         return (
-            str(mindboggle / "oasis_trt20_1_t1.nii.gz"),
-            str(folder / "brain1_t2like.nii.gz"),
-            str(mindboggle / "oasis_trt20_1_labels.nii.gz"),
-            str(folder / "brain1_t2like_labels.nii.gz"),
+            str(mindboggle / f"oasis_trt20_{subject}_t1.nii.gz"),
+            f"{copy}.nii.gz",
+            str(mindboggle / f"oasis_trt20_{subject}_labels.nii.gz"),
+            f"{copy}_labels.nii.gz",
         )
     return tuple(str(DATA / p) for p in PAIRS[pair])
 
 
-def run(pair: str, extra: list[str], folder: Path) -> dict:
-    fixed, moving, fixed_labels, moving_labels = pair_files(pair, folder)
+def run(pair: str, extra: list[str], folder: Path, subject: int = 1) -> dict:
+    fixed, moving, fixed_labels, moving_labels = pair_files(pair, folder, subject)
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as scratch:
         fixed_labels = first_volume(fixed_labels, fixed, Path(scratch))
         moving_labels = first_volume(moving_labels, moving, Path(scratch))
@@ -144,6 +146,12 @@ def main() -> None:
     parser.add_argument("--checkpoints", nargs="+", default=["mi_unet_synth_bg.pt"])
     parser.add_argument("--refine", type=int, default=0, help="also run with --refine N")
     parser.add_argument("--affine-from-labels", action="store_true")
+    parser.add_argument(
+        "--brain-subject",
+        type=int,
+        default=1,
+        help="Mindboggle subject of the T2-like pair (1: the figures; another: to choose on)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench_out/multimodal")
     args = parser.parse_args()
@@ -163,12 +171,12 @@ def main() -> None:
         ]
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="multimodal-"))
-    for pair in (*PAIRS, BRAIN):
+    for pair in (*PAIRS, BRAIN.format(subject=args.brain_subject)):
         for method, extra in methods:
             row = {
                 "pair": pair,
                 "method": method,
-                **run(pair, [*extra, "--device", args.device], scratch),
+                **run(pair, [*extra, "--device", args.device], scratch, args.brain_subject),
             }
             rows.append(row)
             print(f"{pair} | {method}: Dice {row['dice_after']:.3f}", flush=True)
@@ -177,6 +185,7 @@ def main() -> None:
         + " ".join(args.checkpoints)
         + (f" --refine {args.refine}" if args.refine else "")
         + (" --affine-from-labels" if args.affine_from_labels else "")
+        + (f" --brain-subject {args.brain_subject}" if args.brain_subject != 1 else "")
         + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
         "machine": report_io.machine(args.device),
         "rows": rows,

@@ -38,16 +38,20 @@ from napari_deepwarp.cli import main as deepwarp
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def brain_two_modalities(folder: Path) -> tuple[Path, ...]:
-    """Subject 1 and a T2-like copy of it moved by a known rigid transform:
-    ``(fixed, moving, fixed labels, moving labels)`` written under ``folder``."""
+def brain_two_modalities(folder: Path, subject: int = 1) -> tuple[Path, ...]:
+    """A Mindboggle subject and a T2-like copy of it moved by a known rigid transform:
+    ``(fixed, moving, fixed labels, moving labels)``, the copy written under ``folder``
+    (``brain{subject}_t2like.nii.gz`` and its labels). Subject 1 is the benchmark's pair; another
+    subject gives a pair to choose between trainings on, kept out of the figures."""
     from napari_deepwarp.core.io import read_volume, write_volume
     from napari_deepwarp.core.preprocess import resample
     from napari_deepwarp.core.volume import Volume
 
     mindboggle = DATA / "mindboggle"
-    t1 = read_volume(mindboggle / "oasis_trt20_1_t1.nii.gz")
-    labels = read_volume(mindboggle / "oasis_trt20_1_labels.nii.gz", labels=True)
+    t1_path = mindboggle / f"oasis_trt20_{subject}_t1.nii.gz"
+    labels_path = mindboggle / f"oasis_trt20_{subject}_labels.nii.gz"
+    t1 = read_volume(t1_path)
+    labels = read_volume(labels_path, labels=True)
     rng = np.random.default_rng(7)
     lookup = rng.uniform(0.1, 1.0, int(labels.array.max()) + 1).astype(np.float32)
     lookup[0] = 0.0
@@ -56,16 +60,11 @@ def brain_two_modalities(folder: Path) -> tuple[Path, ...]:
     centre = t1.grid.index_to_world_matrix() @ np.array([*(np.array(t1.shape) / 2), 1.0])
     moved.SetCenter(tuple(centre[:3]))
     image = resample(Volume.on_grid(other, t1.grid, "t2-like"), t1.grid, moved)
-    write_volume(image, folder / "brain1_t2like.nii.gz")
-    write_volume(
-        resample(labels, t1.grid, moved, "nearest"), folder / "brain1_t2like_labels.nii.gz"
-    )
-    return (
-        mindboggle / "oasis_trt20_1_t1.nii.gz",
-        folder / "brain1_t2like.nii.gz",
-        mindboggle / "oasis_trt20_1_labels.nii.gz",
-        folder / "brain1_t2like_labels.nii.gz",
-    )
+    moving = folder / f"brain{subject}_t2like.nii.gz"
+    moving_labels = folder / f"brain{subject}_t2like_labels.nii.gz"
+    write_volume(image, moving)
+    write_volume(resample(labels, t1.grid, moved, "nearest"), moving_labels)
+    return t1_path, moving, labels_path, moving_labels
 
 
 def cases(folder: Path, pairs: list[tuple[int, int]]) -> list[tuple[str, tuple, list[str]]]:
