@@ -10,10 +10,9 @@ pair is drawn that often with no motion between its sides (both label maps under
 transform, true field zero; the images still differ in bias, blur, noise, gamma and, unless
 ``same_contrast``, contrast): a network that only ever sees moving pairs learns no reason to
 keep still where the two images agree, and on out-of-distribution real scans it drifts. Each
-side then gets its own image: random intensity per label (with ``merge`` > 0, that often
-shared by random groups of labels),
-a smooth multiplicative bias field, blur, noise and a gamma, so that a network trained on them
-learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
+side then gets its own image: random intensity per label (with ``merge`` > 0, that often shared
+by random groups of labels), a smooth multiplicative bias field, blur, noise and a gamma, so that
+a network trained on them learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
 
 Shapes: label maps ``(B, 1, D, H, W)`` int64, images ``(B, 1, D, H, W)`` float32 in [0, 1],
 fields ``(B, 3, D, H, W)`` pull displacements in voxels (see :mod:`spatial`).

@@ -140,7 +140,7 @@ def test_still_pairs_have_no_motion_and_the_rest_are_unchanged():
     assert torch.equal(again["moving"], moving_pairs["moving"])
 
 
-def test_merged_labels_share_intensities_on_one_side_only():
+def test_merged_labels_share_intensities_each_side_its_own_grouping():
     base = SynthSettings(shape=(24, 24, 24), noise=(0.0, 0.0), bias=0.0, blur=(0.0, 0.0))
     base.gamma, base.labels = 0.0, (20, 20)
 
@@ -156,6 +156,15 @@ def test_merged_labels_share_intensities_on_one_side_only():
     for side in ("moving", "fixed"):
         assert len(distinct(merged[side], merged[f"{side}_labels"])) <= 10
     assert torch.equal(merged["fixed_labels"], plain["fixed_labels"])  # the anatomy is the same
+
+    def grouping(side):  # the sets of labels that share one intensity
+        image, labels = merged[side], merged[f"{side}_labels"]
+        groups = {}
+        for k in labels.unique().tolist():
+            groups.setdefault(round(float(image[labels == k][0]), 4), set()).add(k)
+        return {frozenset(g) for g in groups.values()}
+
+    assert grouping("moving") != grouping("fixed")
     # merge = 0 draws nothing extra: old seeds give the same pairs.
     again = synthetic_pair(SynthSettings(**{**base.__dict__, "merge": 0.0}), batch=1, seed=5)
     assert torch.equal(again["moving"], plain["moving"])
