@@ -58,6 +58,9 @@ class SynthSettings:
     still: float = 0.0
     # probability that an image's labels share a few intensities (see ``_intensities``)
     merge: float = 0.0
+    # probability that a pair shares one contrast although ``same_contrast`` is False, so that
+    # a network for two modalities also sees pairs of one, where it may move boldly
+    same: float = 0.0
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -178,8 +181,9 @@ def synthetic_pair(
 
     Both label maps are the same random anatomy under two independent random transforms
     (the same one for a still pair, with probability ``s.still``);
-    each image has its own random contrast (or, with ``s.same_contrast``, both share the
-    per-label intensities). Deterministic for a given ``seed``.
+    each image has its own random contrast (or, with ``s.same_contrast`` or with probability
+    ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
+    given ``seed``.
     """
     s = s or SynthSettings()
     g = torch.Generator(device=device)
@@ -195,7 +199,10 @@ def synthetic_pair(
         deformations[0] = torch.where(still, deformations[1], deformations[0])
     labels = [spatial.warp(anatomy, d, mode="nearest").long() for d in deformations]
     shared = None
-    if s.same_contrast:
+    same = s.same_contrast
+    if not same and s.same > 0:  # drawn only when asked for, as ``still`` is
+        same = float(torch.rand(1, generator=g, device=device)) < s.same
+    if same:
         n = int(anatomy.max()) + 1
         shared = [_intensities(n, s, g, device) for _ in range(batch)]
     pair = {

@@ -168,3 +168,28 @@ def test_merged_labels_share_intensities_each_side_its_own_grouping():
     # merge = 0 draws nothing extra: old seeds give the same pairs.
     again = synthetic_pair(SynthSettings(**{**base.__dict__, "merge": 0.0}), batch=1, seed=5)
     assert torch.equal(again["moving"], plain["moving"])
+
+
+def test_same_shares_one_contrast_between_the_sides_that_often():
+    base = SynthSettings(shape=(24, 24, 24), noise=(0.0, 0.0), bias=0.0, blur=(0.0, 0.0))
+    base.gamma, base.labels = 0.0, (12, 12)
+
+    def intensity_of(pair, side):  # label -> intensity, on that side
+        image, labels = pair[side], pair[f"{side}_labels"]
+        return {k: round(float(image[labels == k][0]), 4) for k in labels.unique().tolist()}
+
+    def shares_contrast(pair):
+        moving, fixed = intensity_of(pair, "moving"), intensity_of(pair, "fixed")
+        common = sorted(set(moving) & set(fixed) - {0})
+        return all(moving[k] == fixed[k] for k in common)
+
+    always = SynthSettings(**{**base.__dict__, "same": 1.0})
+    assert all(shares_contrast(synthetic_pair(always, seed=s)) for s in range(4))
+    never = [shares_contrast(synthetic_pair(base, seed=s)) for s in range(4)]
+    assert not any(never)
+    half = SynthSettings(**{**base.__dict__, "same": 0.5})
+    mixed = [shares_contrast(synthetic_pair(half, seed=s)) for s in range(12)]
+    assert 0 < sum(mixed) < 12
+    # same = 0 draws nothing extra: old seeds give the same pairs.
+    again = synthetic_pair(SynthSettings(**{**base.__dict__, "same": 0.0}), seed=2)
+    assert torch.equal(again["moving"], synthetic_pair(base, seed=2)["moving"])
