@@ -35,11 +35,11 @@ case "$leg" in
       --labels-weight 1 --field-weight 0.2 --lr 1e-4 --synth rotation=20
       --synth "translation=$(scale 8)" --synth scaling=0.1 --synth shear=0.03
       --synth "displacement=$(scale 2.25)" --synth still=0.1) ;;
-  mi_unet_mm)  # two modalities: independent label-wise contrasts, MI + soft Dice
+  mi_unet_mm)  # two modalities: independent label-wise contrasts (30 % shared), MI + soft Dice
     args=(--model mi_unet --init resources/checkpoints/mi_unet_synth_bg.pt --contrast independent
       --labels-weight 4 --lr 1e-4 --synth rotation=2 --synth "translation=$(scale 1)"
       --synth scaling=0.02 --synth shear=0.01 --synth "displacement=$(scale 2.25)"
-      --synth still=0.3 --synth merge=0.5) ;;
+      --synth still=0.3 --synth merge=0.6 --synth same=0.3) ;;
   conv2warp)
     args=(--model conv2warp --init resources/checkpoints/conv2warp_synth_still.pt --contrast same
       --similarity lncc --reg-weight 1 --labels-weight 1 --field-weight 0.1 --lr 1e-4
