@@ -12,7 +12,8 @@ transform, true field zero; the images still differ in bias, blur, noise, gamma 
 keep still where the two images agree, and on out-of-distribution real scans it drifts. Each
 side then gets its own image: random intensity per label (with ``merge`` > 0, that often shared
 by random groups of labels), a smooth multiplicative bias field, blur, noise and a gamma, so that
-a network trained on them learns shape, not one contrast. Everything runs in torch on the chosen device, batched.
+a network trained on them learns shape, not one contrast (with ``same`` > 0, that often both
+sides share one contrast). Everything runs in torch on the chosen device, batched.
 
 Shapes: label maps ``(B, 1, D, H, W)`` int64, images ``(B, 1, D, H, W)`` float32 in [0, 1],
 fields ``(B, 3, D, H, W)`` pull displacements in voxels (see :mod:`spatial`).
@@ -58,8 +59,8 @@ class SynthSettings:
     still: float = 0.0
     # probability that an image's labels share a few intensities (see ``_intensities``)
     merge: float = 0.0
-    # probability that a pair shares one contrast although ``same_contrast`` is False, so that
-    # a network for two modalities also sees pairs of one, where it may move boldly
+    # probability that a batch of pairs shares one contrast although ``same_contrast`` is False,
+    # so that a network for two modalities also sees pairs of one, where it may move boldly
     same: float = 0.0
 
 
