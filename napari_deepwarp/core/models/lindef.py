@@ -62,6 +62,17 @@ What this implementation does, and where it chooses (section numbers are the pap
   rotates and scales about the centre and its coefficients mean the same on any grid size (with
   raw voxel indices, as in the authors' code, a linear coefficient's effect grows with the size
   and couples to the translation).
+* ``affine_pooling = "moments"`` (our extension; the default ``"mean"`` is the paper's): the
+  affine head also reads the first moments of the merged features over the grid,
+  ``mean_p f_c(p) n_a(p)`` for each channel ``c`` and normalised axis ``a``, through a second
+  linear layer (``3 * 290 -> 12``, no bias, zero weights, so it starts as the identity and a
+  ``"mean"`` checkpoint loads into it unchanged). Why: every feature but the input pair is
+  instance-normalised before its activation, so its plain mean over the grid is a statistic of
+  its histogram alone and says nothing about *where* a structure lies; a shift or rotation of
+  the moving image barely changes it. The moments keep position: those of the input pair are
+  its intensity centroids (their difference is the translation, what a moments initialiser
+  uses), and those of a feature that responds to local misalignment are the sums a
+  least-squares affine fit of the local displacements needs (``sum d(p) p^T``).
 * Composition (Sec. 2.1, Eq. 3: the deformable part is applied first, then the linear part): as
   positions the sampling grid is ``p -> A(G(p))`` -- first the integrated deformable grid, then
   the affine -- exactly as the authors' code multiplies the integrated grid by the matrix. The
@@ -109,6 +120,9 @@ from napari_deepwarp.core.models.registry import (
     register_model,
 )
 
+#: what LinDef's affine head may read (see the module docstring)
+AFFINE_POOLINGS = ("mean", "moments")
+
 
 @dataclass
 class LinDefConfig:
@@ -123,6 +137,9 @@ class LinDefConfig:
     negative_slope: LeakyReLU slope.
     max_gradient: upper bound of the spatial gradients ``Phi`` (``Phi(0) = 1``); must be > 1.
     use_affine: predict and apply the affine branch (False: the paper's "w/o Affine").
+    affine_pooling: what the affine head reads: ``"mean"`` (the paper's global average of the
+        merged features) or ``"moments"`` (also their first moments over the normalised
+        coordinates; see the module docstring).
     alpha: weight of ``sum |A - I|`` (normalised-coordinate matrix).
     beta: weight of ``sum |Phi - 1|``.
     """
@@ -134,6 +151,7 @@ class LinDefConfig:
     negative_slope: float = 0.3
     max_gradient: float = 2.0
     use_affine: bool = True
+    affine_pooling: str = "mean"
     alpha: float = 1e-6
     beta: float = 1e-6
 
@@ -203,6 +221,20 @@ def apply_affine(matrix: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return moved + matrix[:, :, 3, None, None, None]
 
 
+def first_moments(features: torch.Tensor) -> torch.Tensor:
+    """``(B, 3 * C)``: ``mean_p f_c(p) n_a(p)`` for the normalised axes ``a`` = z, y, x (each
+    from -1 at voxel 0 to +1 at the last; 0 on an axis of size 1), grouped by axis."""
+    out = []
+    for axis in range(3):
+        n = features.shape[2 + axis]
+        coord = torch.linspace(-1.0, 1.0, n, device=features.device, dtype=features.dtype)
+        if n == 1:
+            coord = torch.zeros_like(coord)
+        others = tuple(d for d in (2, 3, 4) if d != 2 + axis)
+        out.append((features.mean(dim=others) * coord).mean(dim=-1))
+    return torch.cat(out, dim=1)
+
+
 @register_model("lindef")
 class LinDef(RegistrationModel):
     """Linear + deformable registration (Christodoulidis et al. 2018); see the module docstring."""
@@ -225,6 +257,10 @@ class LinDef(RegistrationModel):
         if not cfg.enc_channels:
             raise ValueError("the encoder needs at least one convolution")
         positive_gradients(torch.zeros(()), cfg.max_gradient)  # validates max_gradient
+        if cfg.affine_pooling not in AFFINE_POOLINGS:
+            raise ValueError(
+                f"affine_pooling must be one of {AFFINE_POOLINGS}, not {cfg.affine_pooling!r}"
+            )
         slope = float(cfg.negative_slope)
 
         def block(cin, cout, dilation=1):
@@ -262,6 +298,10 @@ class LinDef(RegistrationModel):
                 self.affine.bias.copy_(torch.eye(3, 4).flatten())
         else:
             self.affine = None
+        self.affine_moments = None
+        if cfg.use_affine and cfg.affine_pooling == "moments":
+            self.affine_moments = nn.Linear(3 * merged, 12, bias=False)
+            nn.init.zeros_(self.affine_moments.weight)
         self.transformer = SpatialTransformer(mode="linear", padding="border")
 
     def features(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -284,7 +324,10 @@ class LinDef(RegistrationModel):
         extras: dict[str, Any] = {"spatial_gradients": phi, "deformable": deformable}
         affine_v = None
         if self.affine is not None:
-            affine_n = self.affine(merged.mean(dim=(2, 3, 4))).view(-1, 3, 4)
+            affine_n = self.affine(merged.mean(dim=(2, 3, 4)))
+            if self.affine_moments is not None:
+                affine_n = affine_n + self.affine_moments(first_moments(merged))
+            affine_n = affine_n.view(-1, 3, 4)
             affine_v = normalized_to_voxel_affine(affine_n, shape)
             disp = apply_affine(affine_v, grid) - identity
             extras["affine_normalized"] = affine_n
@@ -336,6 +379,7 @@ __all__ = [
     "LinDefConfig",
     "SqueezeExcitation",
     "apply_affine",
+    "first_moments",
     "integrate_gradients",
     "normalized_to_voxel_affine",
     "positive_gradients",
