@@ -11,10 +11,12 @@ from napari_deepwarp.core.models.lindef import (
     LinDef,
     LinDefConfig,
     apply_affine,
+    compose_affines,
     first_moments,
     integrate_gradients,
     normalized_to_voxel_affine,
     positive_gradients,
+    symmetric_affine,
     voxel_to_normalized_affine,
 )
 
@@ -316,3 +318,63 @@ def test_moments_let_the_affine_head_read_a_shift_better_than_the_mean():
     mean_error, moments_error = _translation_fit_error("mean"), _translation_fit_error("moments")
     assert moments_error < 0.05
     assert mean_error > 4 * moments_error
+
+
+def _homogeneous(m):
+    return torch.cat([m, torch.tensor([[[0.0, 0.0, 0.0, 1.0]]]).expand(len(m), 1, 4)], dim=1)
+
+
+def test_symmetric_affine_keeps_a_consistent_pair_and_cancels_a_shared_bias():
+    torch.manual_seed(0)
+    a = torch.eye(3, 4)[None] + 0.2 * torch.randn(2, 3, 4)
+    inverse = torch.linalg.inv(_homogeneous(a))[:, :3]
+    torch.testing.assert_close(symmetric_affine(a, inverse), a, atol=1e-5, rtol=1e-5)
+    # An aligned pair read with the same bias both ways: the bias cancels to first order.
+    bias = 0.01 * torch.randn(2, 3, 4)
+    aligned = torch.eye(3, 4)[None] + bias
+    error = (symmetric_affine(aligned, aligned) - torch.eye(3, 4)).abs().max()
+    assert error < 0.05 * bias.abs().max()
+
+
+def test_compose_affines_applies_the_second_then_the_first():
+    torch.manual_seed(0)
+    first, then = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    point = torch.randn(2, 3)
+
+    def apply(m, q):
+        return (m[:, :, :3] @ q[:, :, None])[:, :, 0] + m[:, :, 3]
+
+    torch.testing.assert_close(
+        apply(compose_affines(first, then), point), apply(first, apply(then, point))
+    )
+
+
+def test_affine_iterations_compose_each_pass_and_warp_once():
+    torch.manual_seed(0)
+    shape = (12, 10, 14)
+    model = LinDef(LinDefConfig(**NARROW, affine_iterations=2)).eval()
+    step = torch.eye(3, 4)[None].clone()
+    step[0, :, 3] = torch.tensor([0.1, -0.2, 0.05])  # every pass asks for the same shift
+    with torch.no_grad():
+        model.affine.bias.copy_(step.flatten())
+        out = model(torch.rand(1, 1, *shape), torch.rand(1, 1, *shape))
+    twice = step.clone()
+    twice[0, :, 3] *= 2
+    torch.testing.assert_close(out.extras["affine_normalized"], twice)
+    torch.testing.assert_close(out.affine, normalized_to_voxel_affine(twice, shape))
+    grid = out.extras["deformable"] + spatial.identity_grid(shape)
+    total = apply_affine(out.affine, grid) - spatial.identity_grid(shape)
+    torch.testing.assert_close(out.displacement, total)
+    with pytest.raises(ValueError, match="affine_iterations"):
+        LinDef(LinDefConfig(affine_iterations=0))
+
+
+def test_symmetric_head_cancels_an_order_blind_shift():
+    torch.manual_seed(0)
+    model = LinDef(LinDefConfig(**NARROW, affine_symmetric=True)).eval()
+    shift = torch.eye(3, 4)[None].clone()
+    shift[0, :, 3] = torch.tensor([0.3, -0.1, 0.2])  # what the head says for any pair
+    with torch.no_grad():
+        model.affine.bias.copy_(shift.flatten())
+        out = model(torch.rand(1, 1, 9, 10, 11), torch.rand(1, 1, 9, 10, 11))
+    torch.testing.assert_close(out.extras["affine_normalized"], torch.eye(3, 4)[None])

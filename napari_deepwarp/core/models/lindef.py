@@ -73,6 +73,20 @@ What this implementation does, and where it chooses (section numbers are the pap
   its intensity centroids (their difference is the translation, what a moments initialiser
   uses), and those of a feature that responds to local misalignment are the sums a
   least-squares affine fit of the local displacements needs (``sum d(p) p^T``).
+* ``affine_symmetric = True`` (our extension; default False, the paper's one pass): the affine
+  head also reads the swapped pair, ``B = head(fixed, moving)``, an estimate of the inverse map,
+  and the prediction is ``(A + B^-1) / 2`` on 4x4 homogeneous matrices. A bias that the head
+  adds for what both images share (a brain's own asymmetries, unlike anything in synthetic
+  training, read as a few degrees of rotation) is nearly the same in both passes and cancels to
+  first order: an aligned pair gives ``A = B = I + b`` and ``(A + B^-1) / 2 = I + O(b^2)``.
+  It costs a second pass of the encoder.
+* ``affine_iterations = k > 1`` (our extension; default 1, the paper's): the network is applied
+  ``k`` times, each pass to the moving image resampled (once, from the original) through the
+  affines of the passes before; the last pass gives the deformable part and the last affine,
+  composed after the earlier ones: ``warped(p) = moving(A_1(...A_k(G(p))))``, the paper's
+  deformable-then-linear order. The head regresses a large misalignment coarsely and a small
+  one well, as recursive cascades use one network (Zhao et al., ICCV 2019). ``k`` encoder
+  passes (twice that when symmetric).
 * Composition (Sec. 2.1, Eq. 3: the deformable part is applied first, then the linear part): as
   positions the sampling grid is ``p -> A(G(p))`` -- first the integrated deformable grid, then
   the affine -- exactly as the authors' code multiplies the integrated grid by the matrix. The
@@ -137,6 +151,9 @@ class LinDefConfig:
     negative_slope: LeakyReLU slope.
     max_gradient: upper bound of the spatial gradients ``Phi`` (``Phi(0) = 1``); must be > 1.
     use_affine: predict and apply the affine branch (False: the paper's "w/o Affine").
+    affine_symmetric: average the affine head's estimate with the inverse of its estimate for
+        the swapped pair (see the module docstring).
+    affine_iterations: passes of the network (see the module docstring); 1 is the paper's.
     affine_pooling: what the affine head reads: ``"mean"`` (the paper's global average of the
         merged features) or ``"moments"`` (also their first moments over the normalised
         coordinates; see the module docstring).
@@ -152,6 +169,8 @@ class LinDefConfig:
     max_gradient: float = 2.0
     use_affine: bool = True
     affine_pooling: str = "mean"
+    affine_symmetric: bool = False
+    affine_iterations: int = 1
     alpha: float = 1e-6
     beta: float = 1e-6
 
@@ -235,6 +254,23 @@ def first_moments(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def symmetric_affine(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+    """``(A + B^-1) / 2`` of two ``(B, 3, 4)`` maps (4x4 homogeneous), in float32: ``forward``
+    estimates a map, ``backward`` its inverse."""
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=forward.device).expand(len(forward), 1, 4)
+    a, b = (torch.cat([m.float(), bottom], dim=1) for m in (forward, backward))
+    return (0.5 * (a + torch.linalg.inv(b)))[:, :3]
+
+
+def compose_affines(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The ``(B, 3, 4)`` sampling map ``p -> first(then(p))``: ``then`` registers what ``first``
+    left, as a pull map on the image that ``first`` resampled."""
+    return (
+        first[:, :, :3].float() @ then.float()
+        + torch.cat([torch.zeros_like(first[:, :, :3]), first[:, :, 3:]], dim=2).float()
+    )
+
+
 @register_model("lindef")
 class LinDef(RegistrationModel):
     """Linear + deformable registration (Christodoulidis et al. 2018); see the module docstring."""
@@ -257,6 +293,8 @@ class LinDef(RegistrationModel):
         if not cfg.enc_channels:
             raise ValueError("the encoder needs at least one convolution")
         positive_gradients(torch.zeros(()), cfg.max_gradient)  # validates max_gradient
+        if int(cfg.affine_iterations) < 1:
+            raise ValueError(f"affine_iterations must be 1 or more, not {cfg.affine_iterations}")
         if cfg.affine_pooling not in AFFINE_POOLINGS:
             raise ValueError(
                 f"affine_pooling must be one of {AFFINE_POOLINGS}, not {cfg.affine_pooling!r}"
@@ -313,9 +351,31 @@ class LinDef(RegistrationModel):
             outputs.append(x)
         return torch.cat(outputs, dim=1)
 
+    def _affine_head(self, merged: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, 4)`` normalised-coordinate matrix from the merged features."""
+        affine_n = self.affine(merged.mean(dim=(2, 3, 4)))
+        if self.affine_moments is not None:
+            affine_n = affine_n + self.affine_moments(first_moments(merged))
+        return affine_n.view(-1, 3, 4)
+
+    def _affine_estimate(self, moving, fixed, merged) -> torch.Tensor:
+        """The affine head's ``(B, 3, 4)`` normalised matrix for a pair, symmetric if asked."""
+        affine_n = self._affine_head(merged)
+        if self.config.affine_symmetric:
+            backward = self._affine_head(self.features(fixed, moving))
+            affine_n = symmetric_affine(affine_n, backward)
+        return affine_n
+
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         shape = tuple(moving.shape[2:])
-        merged = self.features(moving, fixed)
+        source, prior = moving, None  # the moving image as the earlier affine passes left it
+        if self.affine is not None:
+            for _ in range(int(self.config.affine_iterations) - 1):
+                step = self._affine_estimate(source, fixed, self.features(source, fixed))
+                prior = step if prior is None else compose_affines(prior, step)
+                to_prior = spatial.affine_to_field(normalized_to_voxel_affine(prior, shape), shape)
+                source = self.transformer(moving, to_prior)
+        merged = self.features(source, fixed)
         logits = self.gradients(self.dec(self.se(merged)))
         phi = positive_gradients(logits, self.config.max_gradient)
         grid = integrate_gradients(phi)
@@ -324,10 +384,9 @@ class LinDef(RegistrationModel):
         extras: dict[str, Any] = {"spatial_gradients": phi, "deformable": deformable}
         affine_v = None
         if self.affine is not None:
-            affine_n = self.affine(merged.mean(dim=(2, 3, 4)))
-            if self.affine_moments is not None:
-                affine_n = affine_n + self.affine_moments(first_moments(merged))
-            affine_n = affine_n.view(-1, 3, 4)
+            affine_n = self._affine_estimate(source, fixed, merged)
+            if prior is not None:
+                affine_n = compose_affines(prior, affine_n)
             affine_v = normalized_to_voxel_affine(affine_n, shape)
             disp = apply_affine(affine_v, grid) - identity
             extras["affine_normalized"] = affine_n
@@ -379,9 +438,11 @@ __all__ = [
     "LinDefConfig",
     "SqueezeExcitation",
     "apply_affine",
+    "compose_affines",
     "first_moments",
     "integrate_gradients",
     "normalized_to_voxel_affine",
     "positive_gradients",
+    "symmetric_affine",
     "voxel_to_normalized_affine",
 ]
