@@ -16,6 +16,7 @@ from napari_deepwarp.core.models.lindef import (
     integrate_gradients,
     normalized_to_voxel_affine,
     positive_gradients,
+    second_moments,
     symmetric_affine,
     voxel_to_normalized_affine,
 )
@@ -262,6 +263,19 @@ def test_first_moments_are_coordinate_weighted_means():
     torch.testing.assert_close(moments, torch.tensor([[1.0, 0.0, -1.0, 0.0, 0.0, 0.0]]))
 
 
+def test_second_moments_are_products_of_coordinates_weighted_means():
+    spike = torch.zeros(1, 1, 5, 3, 4)
+    spike[0, 0, 4, 0, 3] = 60.0  # at z = +1, y = -1, x = +1; the grid mean is 1 there
+    expected = torch.tensor([[1.0, 1.0, 1.0, -1.0, 1.0, -1.0]])  # zz yy xx zy zx yx
+    torch.testing.assert_close(second_moments(spike), expected)
+    features = torch.rand(2, 3, 6, 7, 8)
+    z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in (6, 7, 8)], indexing="ij")
+    direct = [
+        (features * c).mean(dim=(2, 3, 4)) for c in (z * z, y * y, x * x, z * y, z * x, y * x)
+    ]
+    torch.testing.assert_close(second_moments(features), torch.cat(direct, dim=1))
+
+
 def test_moments_pooling_starts_from_a_mean_checkpoint_unchanged():
     torch.manual_seed(0)
     mean = LinDef(LinDefConfig(**NARROW)).eval()
@@ -269,11 +283,15 @@ def test_moments_pooling_starts_from_a_mean_checkpoint_unchanged():
     moments = LinDef(LinDefConfig(**NARROW, affine_pooling="moments")).eval()
     missing = moments.load_state_dict(mean.state_dict(), strict=False).missing_keys
     assert missing == ["affine_moments.weight"]
+    second = LinDef(LinDefConfig(**NARROW, affine_pooling="moments2")).eval()
+    missing = second.load_state_dict(moments.state_dict(), strict=False).missing_keys
+    assert missing == ["affine_moments2.weight"]
     moving, fixed = torch.rand(1, 1, 12, 10, 14), torch.rand(1, 1, 12, 10, 14)
     with torch.no_grad():
-        a, b = mean(moving, fixed), moments(moving, fixed)
+        a, b, c = mean(moving, fixed), moments(moving, fixed), second(moving, fixed)
     assert a.affine.sub(torch.eye(3, 4)).abs().max() > 1e-3
     torch.testing.assert_close(b.displacement, a.displacement, atol=0, rtol=0)
+    torch.testing.assert_close(c.displacement, a.displacement, atol=0, rtol=0)
     moments.train()
     total, _ = moments.loss(moments(moving, fixed), moving, fixed)
     total.backward()
