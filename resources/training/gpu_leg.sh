@@ -29,9 +29,11 @@ common=(--data synth --steps 1000000 --time-limit "$minutes" --shape "$n" "$n" "
   --grad-clip 10 --checkpoint-every 200 --validate-every 500 --synth background=0.9
   --synth "label_grid=$(whole 12)" --precision bfloat16 --device "$device" --seed 96 -q)
 case "$leg" in
-  lindef_affine)  # the paper's coupled network; misalignment as between native-space brains
+  lindef_affine)  # the coupled network, misaligned as native-space brains are; its head reads
+    # first moments, both ways, in two passes (see the LinDef docstring and the training record)
     args=(--model lindef --init resources/checkpoints/lindef_noaffine_lncc.pt
-      --config use_affine=true --contrast same --similarity lncc --reg-weight 1
+      --config use_affine=true --config 'affine_pooling="moments"' --config affine_symmetric=true
+      --config affine_iterations=2 --contrast same --similarity lncc --reg-weight 1
       --labels-weight 1 --field-weight 0.2 --lr 1e-4 --synth rotation=20
       --synth "translation=$(scale 8)" --synth scaling=0.1 --synth shear=0.03
       --synth "displacement=$(scale 2.25)" --synth still=0.1) ;;
