@@ -55,6 +55,24 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
+def markdown(report: dict) -> str:
+    """The report as a Markdown table: a row per reference and per checkpoint."""
+    rows = [
+        "| | its own linear part (`--no-affine`) | folding % | s | after our affine stage |",
+        "|---|---:|---:|---:|---:|",
+        f"| unaligned | {report['unaligned']:.3f} | - | - | - |",
+        f"| intensity centroids aligned | {report['centroids']:.3f} | - | - | - |",
+        f"| our affine stage alone | - | - | - | {report['affine_stage']['dice']:.3f} |",
+    ]
+    for name, entry in report["checkpoints"].items():
+        own, after = entry["no_affine"], entry["after_affine_stage"]
+        rows.append(
+            f"| {name} | {own['dice']:.3f} | {own['folding_percent']:.3f} | "
+            f"{own['wall_s']:.1f} | {after['dice']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="1:2,3:4,5:1", help="fixed:moving subject numbers")
@@ -77,25 +95,13 @@ def main() -> None:
         "affine_stage": _summary(affine),
         "checkpoints": {},
     }
-    rows = [
-        "| | its own linear part (`--no-affine`) | folding % | s | after our affine stage |",
-        "|---|---:|---:|---:|---:|",
-        f"| unaligned | {report['unaligned']:.3f} | - | - | - |",
-        f"| intensity centroids aligned | {report['centroids']:.3f} | - | - | - |",
-        f"| our affine stage alone | - | - | - | {report['affine_stage']['dice']:.3f} |",
-    ]
     for path in map(Path, args.checkpoints):
         base = ["--checkpoint", str(path), "--device", args.device, "--if-worse", "keep"]
         own = _summary([run_pair(f, m, [*base, "--no-affine"]) for f, m in pairs])
         after = _summary([run_pair(f, m, base) for f, m in pairs])
         report["checkpoints"][path.name] = {"no_affine": own, "after_affine_stage": after}
-        rows.append(
-            f"| {path.name} | {own['dice']:.3f} | {own['folding_percent']:.3f} | "
-            f"{own['wall_s']:.1f} | {after['dice']:.3f} |"
-        )
         print(path.name, round(own["dice"], 3), round(after["dice"], 3), flush=True)
-    table = "\n".join(rows)
-    print(report_io.write(args.out, report, table))
+    print(report_io.write(args.out, report, markdown(report)))
 
 
 if __name__ == "__main__":

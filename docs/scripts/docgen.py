@@ -388,6 +388,12 @@ def _render_verdict(report: dict) -> str:
     return table(report)
 
 
+def _render_own_affine(report: dict) -> str:
+    from benchmarks.own_affine_mindboggle import markdown
+
+    return markdown(report)
+
+
 def _render_refine(report: dict) -> str:
     from benchmarks.refine_mindboggle import table
 
@@ -409,6 +415,10 @@ RENDERERS = {
     "run": ("Speed and memory, side by side", _render_run),
     "checkpoints_mindboggle": ("Every shipped checkpoint on Mindboggle", _render_checkpoints),
     "affine_mindboggle": ("The affine stage on Mindboggle", _render_affine),
+    "own_affine_mindboggle": (
+        "A network's own affine branch (LinDef) against the affine stage, native-space brains",
+        _render_own_affine,
+    ),
     "refine_mindboggle": (
         "Field refinement (fast, accurate) against FireANTs on Mindboggle",
         _render_refine,
