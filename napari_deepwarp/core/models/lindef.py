@@ -157,12 +157,12 @@ class LinDefConfig:
     negative_slope: LeakyReLU slope.
     max_gradient: upper bound of the spatial gradients ``Phi`` (``Phi(0) = 1``); must be > 1.
     use_affine: predict and apply the affine branch (False: the paper's "w/o Affine").
-    affine_symmetric: average the affine head's estimate with the inverse of its estimate for
-        the swapped pair (see the module docstring).
-    affine_iterations: passes of the network (see the module docstring); 1 is the paper's.
     affine_pooling: what the affine head reads: ``"mean"`` (the paper's global average of the
         merged features), ``"moments"`` (also their first moments over the normalised
         coordinates) or ``"moments2"`` (also their second moments); see the module docstring.
+    affine_symmetric: average the affine head's estimate with the inverse of its estimate for
+        the swapped pair (see the module docstring).
+    affine_iterations: passes of the network (see the module docstring); 1 is the paper's.
     alpha: weight of ``sum |A - I|`` (normalised-coordinate matrix).
     beta: weight of ``sum |Phi - 1|``.
     """
@@ -246,20 +246,6 @@ def apply_affine(matrix: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return moved + matrix[:, :, 3, None, None, None]
 
 
-def first_moments(features: torch.Tensor) -> torch.Tensor:
-    """``(B, 3 * C)``: ``mean_p f_c(p) n_a(p)`` for the normalised axes ``a`` = z, y, x (each
-    from -1 at voxel 0 to +1 at the last; 0 on an axis of size 1), grouped by axis."""
-    out = []
-    for axis in range(3):
-        n = features.shape[2 + axis]
-        coord = torch.linspace(-1.0, 1.0, n, device=features.device, dtype=features.dtype)
-        if n == 1:
-            coord = torch.zeros_like(coord)
-        others = tuple(d for d in (2, 3, 4) if d != 2 + axis)
-        out.append((features.mean(dim=others) * coord).mean(dim=-1))
-    return torch.cat(out, dim=1)
-
-
 def _normalised_axes(features: torch.Tensor) -> list[torch.Tensor]:
     """The normalised (z, y, x) coordinate of each index, -1 to +1 (0 on an axis of size 1)."""
     axes = []
@@ -267,6 +253,17 @@ def _normalised_axes(features: torch.Tensor) -> list[torch.Tensor]:
         coord = torch.linspace(-1.0, 1.0, n, device=features.device, dtype=features.dtype)
         axes.append(torch.zeros_like(coord) if n == 1 else coord)
     return axes
+
+
+def first_moments(features: torch.Tensor) -> torch.Tensor:
+    """``(B, 3 * C)``: ``mean_p f_c(p) n_a(p)`` for the normalised axes ``a`` = z, y, x (each
+    from -1 at voxel 0 to +1 at the last; 0 on an axis of size 1), grouped by axis."""
+    axes = _normalised_axes(features)
+    out = []
+    for a in range(3):
+        others = tuple(d for d in (2, 3, 4) if d != 2 + a)
+        out.append((features.mean(dim=others) * axes[a]).mean(dim=-1))
+    return torch.cat(out, dim=1)
 
 
 def second_moments(features: torch.Tensor) -> torch.Tensor:
@@ -283,21 +280,22 @@ def second_moments(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def _homogeneous(matrix: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, 4)`` float32 of ``(B, 3, 4)`` maps, bottom row ``(0, 0, 0, 1)``."""
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=matrix.device).expand(len(matrix), 1, 4)
+    return torch.cat([matrix.float(), bottom], dim=1)
+
+
 def symmetric_affine(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
     """``(A + B^-1) / 2`` of two ``(B, 3, 4)`` maps (4x4 homogeneous), in float32: ``forward``
     estimates a map, ``backward`` its inverse."""
-    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], device=forward.device).expand(len(forward), 1, 4)
-    a, b = (torch.cat([m.float(), bottom], dim=1) for m in (forward, backward))
-    return (0.5 * (a + torch.linalg.inv(b)))[:, :3]
+    return (0.5 * (_homogeneous(forward) + torch.linalg.inv(_homogeneous(backward))))[:, :3]
 
 
 def compose_affines(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """The ``(B, 3, 4)`` sampling map ``p -> first(then(p))``: ``then`` registers what ``first``
-    left, as a pull map on the image that ``first`` resampled."""
-    return (
-        first[:, :, :3].float() @ then.float()
-        + torch.cat([torch.zeros_like(first[:, :, :3]), first[:, :, 3:]], dim=2).float()
-    )
+    """The ``(B, 3, 4)`` sampling map ``p -> first(then(p))``, in float32: ``then`` registers
+    what ``first`` left, as a pull map on the image that ``first`` resampled."""
+    return (_homogeneous(first) @ _homogeneous(then))[:, :3]
 
 
 @register_model("lindef")
