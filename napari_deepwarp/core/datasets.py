@@ -28,13 +28,12 @@ from napari_deepwarp.core.affine import AffineSettings, run_affine
 from napari_deepwarp.core.io import InputError, read_volume
 from napari_deepwarp.core.preprocess import (
     IntensityPreset,
-    foreground_bbox,
     intensity_window,
     network_input,
     resample,
+    training_grid,
 )
 from napari_deepwarp.core.synth import SynthSettings, synthetic_pair
-from napari_deepwarp.core.volume import Grid, Volume
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_WORDS = ("label", "seg", "mask", "aseg", "parc")
@@ -128,19 +127,6 @@ def read_pairs_csv(path: Path) -> tuple[list[Entry], list[tuple[int, int]] | Non
         f"{path}: unknown columns {sorted(columns)}; use 'image[,labels]' or "
         "'fixed,moving[,fixed_labels,moving_labels]'"
     )
-
-
-def training_grid(fixed: Volume, shape: tuple[int, int, int]) -> Grid:
-    """An isotropic grid of exactly ``shape`` (z, y, x) over the fixed image's foreground box,
-    centred on it, in the fixed image's direction; the spacing makes the box fit."""
-    lo, hi = foreground_bbox(fixed)
-    extent_mm = (hi - lo + 1) * np.array(fixed.spacing[::-1])
-    spacing = float(max(extent_mm / np.array(shape)))
-    m = fixed.grid.index_to_world_matrix()
-    centre = m[:3, :3] @ ((lo + hi) / 2.0) + m[:3, 3]
-    half = (np.array(shape) - 1) / 2.0 * spacing
-    origin = centre - fixed.direction @ half[::-1]
-    return Grid(tuple(int(n) for n in shape), (spacing,) * 3, tuple(origin), fixed.direction.copy())
 
 
 class VolumeSource:

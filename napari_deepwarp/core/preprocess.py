@@ -94,6 +94,19 @@ def foreground_bbox(vol: Volume, margin_mm: float = 8.0) -> tuple[np.ndarray, np
     return lo, hi
 
 
+def training_grid(fixed: Volume, shape: tuple[int, int, int]) -> Grid:
+    """An isotropic grid of exactly ``shape`` (z, y, x) over the fixed image's foreground box,
+    centred on it, in the fixed image's direction; the spacing makes the box fit."""
+    lo, hi = foreground_bbox(fixed)
+    extent_mm = (hi - lo + 1) * np.array(fixed.spacing[::-1])
+    spacing = float(max(extent_mm / np.array(shape)))
+    m = fixed.grid.index_to_world_matrix()
+    centre = m[:3, :3] @ ((lo + hi) / 2.0) + m[:3, 3]
+    half = (np.array(shape) - 1) / 2.0 * spacing
+    origin = centre - fixed.direction @ half[::-1]
+    return Grid(tuple(int(n) for n in shape), (spacing,) * 3, tuple(origin), fixed.direction.copy())
+
+
 MIN_WORKING_SIZE = 16  # voxels: the smallest working-grid side worth running a network on
 
 

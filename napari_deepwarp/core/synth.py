@@ -13,7 +13,9 @@ keep still where the two images agree, and on out-of-distribution real scans it 
 side then gets its own image: random intensity per label (with ``merge`` > 0, that often shared
 by random groups of labels), a smooth multiplicative bias field, blur, noise and a gamma, so that
 a network trained on them learns shape, not one contrast (with ``same`` > 0, that often both
-sides share one contrast). Everything runs in torch on the chosen device, batched.
+sides share one contrast). With ``anatomy``, the label map is a file's (a brain template's
+tissue classes, say) instead of random blobs, so the pairs have the shape of real anatomy; label 0
+is then the file's background, dark when ``background`` > 0. Everything runs in torch on the chosen device, batched.
 
 Shapes: label maps ``(B, 1, D, H, W)`` int64, images ``(B, 1, D, H, W)`` float32 in [0, 1],
 fields ``(B, 3, D, H, W)`` pull displacements in voxels (see :mod:`spatial`).
@@ -21,14 +23,18 @@ fields ``(B, 3, D, H, W)`` pull displacements in voxels (see :mod:`spatial`).
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from napari_deepwarp.core import spatial
+from napari_deepwarp.core.io import read_volume
 from napari_deepwarp.core.models.blocks import gaussian_smooth
+from napari_deepwarp.core.preprocess import resample, training_grid
 
 
 @dataclass
@@ -62,6 +68,13 @@ class SynthSettings:
     # probability that a batch of pairs shares one contrast although ``same_contrast`` is False,
     # so that a network for two modalities also sees pairs of one, where it may move boldly
     same: float = 0.0
+    # a label-map file (NIfTI, NRRD, MHA) to use as the anatomy instead of random blobs, e.g.
+    # tissue classes of a brain template: pairs shaped like real anatomy (see ``file_anatomy``);
+    # "" draws blobs
+    anatomy: str = ""
+    # with ``anatomy``: each of its labels is cut into up to this many random parts, so that a
+    # few tissue classes also show contrast within them, as parcels or nuclei do
+    anatomy_parts: int = 1
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -77,6 +90,46 @@ def random_label_map(s: SynthSettings, batch: int, g: torch.Generator, device) -
     """``(B, 1, D, H, W)`` labels ``0 .. n - 1`` with ``n`` drawn from ``s.labels``."""
     n = int(torch.randint(s.labels[0], s.labels[1] + 1, (1,), generator=g, device=device))
     return _smooth_noise(batch, n, s.label_grid, s.shape, g, device).argmax(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _anatomy_on_grid(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """The label map at ``path`` on an isotropic grid of ``shape`` over its foreground (labels
+    > 0), as the pipeline frames a fixed image; labels renumbered ``0 .. n - 1``, 0 kept 0."""
+    labels = read_volume(path, labels=True)
+    inside = labels.with_array((labels.array > 0).astype(np.float32))
+    on_grid = resample(labels, training_grid(inside, shape), None, "nearest").array
+    values, compact = np.unique(on_grid, return_inverse=True)
+    if values[0] != 0:  # no background on the grid: keep label numbers meaning "not background"
+        compact = compact + 1
+    return compact.reshape(on_grid.shape).astype(np.int64)
+
+
+def random_orientation(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``labels`` ``(1, 1, D, H, W)`` with its axes flipped at random and, on a cube, permuted at
+    random: one of the 48 axis-aligned orientations (8 without the permutation) that scans come in.
+    """
+    flips = [2 + a for a in range(3) if float(torch.rand(1, generator=g)) < 0.5]
+    out = labels.flip(flips) if flips else labels
+    if len(set(labels.shape[2:])) == 1:
+        out = out.permute(0, 1, *(2 + torch.randperm(3, generator=g)).tolist())
+    return out
+
+
+def file_anatomy(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` labels: ``s.anatomy``'s on the grid in a random axis-aligned
+    orientation each (:func:`random_orientation`), each label (not 0) cut into up to
+    ``s.anatomy_parts`` parts by one random label map (:func:`random_label_map`)."""
+    grid = torch.from_numpy(_anatomy_on_grid(s.anatomy, tuple(s.shape)))[None, None]
+    cpu = torch.Generator().manual_seed(
+        int(torch.randint(0, 2**62, (1,), generator=g, device=device))
+    )
+    labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)]).to(device)
+    if s.anatomy_parts <= 1:
+        return labels
+    k = s.anatomy_parts
+    parts = random_label_map(replace(s, labels=(k, k)), batch, g, device)
+    return torch.where(labels > 0, (labels - 1) * k + parts + 1, 0)
 
 
 def random_foreground(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
@@ -180,7 +233,7 @@ def synthetic_pair(
     """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``;
     with ``field``, also ``field``: the true moving-to-fixed pull field (:func:`true_field`).
 
-    Both label maps are the same random anatomy under two independent random transforms
+    Both label maps are the same random anatomy (or ``s.anatomy``'s) under two independent random transforms
     (the same one for a still pair, with probability ``s.still``);
     each image has its own random contrast (or, with ``s.same_contrast`` or with probability
     ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
@@ -189,9 +242,12 @@ def synthetic_pair(
     s = s or SynthSettings()
     g = torch.Generator(device=device)
     g.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
-    anatomy = random_label_map(s, batch, g, device)
-    if s.background > 0:
-        anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
+    if s.anatomy:
+        anatomy = file_anatomy(s, batch, g, device)
+    else:
+        anatomy = random_label_map(s, batch, g, device)
+        if s.background > 0:
+            anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
     anatomy = anatomy.float()
     deformations = [random_deformation(s, batch, g, device) for _ in range(2)]
     still = None

@@ -239,6 +239,7 @@ def synth_settings(settings: TrainSettings) -> SynthSettings:
                 float: ("a number", "2.5"),
                 bool: ("true or false", "true"),
                 tuple: ("a [low, high] pair", "[0.1,0.5]"),
+                str: ("a file path", "tissues.nii.gz"),
             }[wanted]
             raise InputError(
                 f"--synth {key}={json.dumps(value)}: {key} takes {kind} "

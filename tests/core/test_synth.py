@@ -193,3 +193,74 @@ def test_same_shares_one_contrast_between_the_sides_that_often():
     # same = 0 draws nothing extra: old seeds give the same pairs.
     again = synthetic_pair(SynthSettings(**{**base.__dict__, "same": 0.0}), seed=2)
     assert torch.equal(again["moving"], synthetic_pair(base, seed=2)["moving"])
+
+
+def _write_anatomy(path):
+    """A box of label 5 holding a ball of label 9, off-centre in a 2 mm x 1 mm x 1 mm volume
+    with an origin away from zero: (z, y, x) array (30, 50, 40)."""
+    import SimpleITK as sitk
+
+    z, y, x = np.meshgrid(np.arange(30), np.arange(50), np.arange(40), indexing="ij")
+    labels = np.zeros((30, 50, 40), np.uint8)
+    labels[5:25, 10:40, 8:30] = 5
+    labels[(z * 2 - 30) ** 2 + (y - 25) ** 2 + (x - 19) ** 2 < 64] = 9
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    image.SetOrigin((-20.0, 7.0, 3.0))
+    sitk.WriteImage(image, str(path))
+    return labels
+
+
+def test_file_anatomy_is_framed_like_a_fixed_image_and_renumbered(tmp_path):
+    """The label map lands on an isotropic cube over its foreground (the pipeline's framing):
+    labels renumbered in order (5 -> 1, 9 -> 2), the box spanning the grid's longest axis less
+    the margin, and the ball inside the box."""
+    from napari_deepwarp.core.synth import _anatomy_on_grid
+
+    _write_anatomy(tmp_path / "anatomy.nii.gz")
+    grid = _anatomy_on_grid(str(tmp_path / "anatomy.nii.gz"), (24, 24, 24))
+    assert grid.shape == (24, 24, 24) and set(np.unique(grid)) == {0, 1, 2}
+    # box: 40 mm (z), 30 mm (y), 22 mm (x); the grid spans 40 mm + 2 x 8 mm margin = 56 mm
+    extent = [
+        np.ptp(np.flatnonzero((grid > 0).any(axis=tuple(b for b in range(3) if b != a))))
+        for a in range(3)
+    ]
+    assert abs((extent[0] + 1) * 56 / 24 - 40) <= 56 / 24
+    assert extent[0] > extent[1] > extent[2]
+    ball = np.argwhere(grid == 2).mean(0)
+    assert np.all(np.abs(ball - 11.5) < 2)  # the ball is centred in the box, the box on the grid
+
+
+def test_random_orientation_gives_all_48_axis_aligned_orientations():
+    from napari_deepwarp.core.synth import random_orientation
+
+    cube = torch.arange(27).reshape(1, 1, 3, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    seen = {tuple(random_orientation(cube, g).flatten().tolist()) for _ in range(600)}
+    assert len(seen) == 48
+    assert all(sorted(s) == list(range(27)) for s in seen)
+    flat = torch.arange(24).reshape(1, 1, 2, 3, 4)  # not a cube: flips only, shape kept
+    seen = {tuple(random_orientation(flat, g).flatten().tolist()) for _ in range(200)}
+    assert len(seen) == 8 and random_orientation(flat, g).shape == flat.shape
+
+
+def test_pairs_from_a_file_anatomy_show_it_cut_into_parts(tmp_path):
+    """Both sides are the file's anatomy (its two labels and background, deformed); with
+    ``anatomy_parts`` each label is cut into parts that map back to it; seeds repeat."""
+    from napari_deepwarp.core.synth import file_anatomy
+
+    _write_anatomy(tmp_path / "anatomy.nii.gz")
+    s = SynthSettings(shape=(24, 24, 24), anatomy=str(tmp_path / "anatomy.nii.gz"), background=1)
+    pair = synthetic_pair(s, batch=2, seed=5)
+    assert torch.equal(pair["fixed"], synthetic_pair(s, batch=2, seed=5)["fixed"])
+    for key in ("moving_labels", "fixed_labels"):
+        assert set(pair[key].unique().tolist()) == {0, 1, 2}
+    # the background (label 0) stays the dark surround: its mean intensity is below the rest's
+    for side in ("moving", "fixed"):
+        labels = pair[f"{side}_labels"]
+        assert pair[side][labels == 0].mean() < pair[side][labels > 0].mean()
+    whole = file_anatomy(s, 3, torch.Generator().manual_seed(7), "cpu")
+    s3 = SynthSettings(**{**s.__dict__, "anatomy_parts": 3})
+    parts = file_anatomy(s3, 3, torch.Generator().manual_seed(7), "cpu")
+    assert torch.equal(torch.where(parts > 0, (parts - 1) // 3 + 1, 0), whole)
+    assert parts.unique().numel() > whole.unique().numel()

@@ -396,3 +396,19 @@ def test_an_override_may_drop_a_part_of_the_init_network_or_add_an_identity_one(
     finally:
         monkeypatch.undo()
     assert train_module._create is real
+
+
+def test_synth_anatomy_trains_and_a_wrong_type_is_named(tmp_path, one_thread):
+    """``--synth anatomy=PATH`` draws pairs from a label-map file and the card records it;
+    a number where a path belongs is named with an example."""
+    import SimpleITK as sitk
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[4:16, 5:15, 6:14] = 1
+    labels[8:12, 8:12, 8:12] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "tissues.nii.gz"))
+    anatomy = str(tmp_path / "tissues.nii.gz")
+    run_generator(train(settings(tmp_path, steps=2, synth={"anatomy": anatomy})))
+    assert read_card(tmp_path / "vm.pt")["training"]["synthetic_pairs"]["anatomy"] == anatomy
+    with pytest.raises(InputError, match="anatomy takes a file path"):
+        run_generator(train(settings(tmp_path, name="x.pt", steps=2, synth={"anatomy": 3})))
