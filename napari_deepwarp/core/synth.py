@@ -75,6 +75,9 @@ class SynthSettings:
     # with ``anatomy``: each of its labels is cut into up to this many random parts, so that a
     # few tissue classes also show contrast within them, as parcels or nuclei do
     anatomy_parts: int = 1
+    # with ``anatomy``: the probability that a batch's anatomy is the file's (else random blobs),
+    # so that a network for many kinds of scan sees both
+    anatomy_share: float = 1.0
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -242,7 +245,10 @@ def synthetic_pair(
     s = s or SynthSettings()
     g = torch.Generator(device=device)
     g.manual_seed(int(torch.randint(0, 2**62, (1,))) if seed is None else seed)
-    if s.anatomy:
+    from_file = bool(s.anatomy)
+    if from_file and s.anatomy_share < 1:  # drawn only when asked for, as ``still`` is
+        from_file = float(torch.rand(1, generator=g, device=device)) < s.anatomy_share
+    if from_file:
         anatomy = file_anatomy(s, batch, g, device)
     else:
         anatomy = random_label_map(s, batch, g, device)

@@ -264,3 +264,15 @@ def test_pairs_from_a_file_anatomy_show_it_cut_into_parts(tmp_path):
     parts = file_anatomy(s3, 3, torch.Generator().manual_seed(7), "cpu")
     assert torch.equal(torch.where(parts > 0, (parts - 1) // 3 + 1, 0), whole)
     assert parts.unique().numel() > whole.unique().numel()
+
+
+def test_anatomy_share_mixes_file_and_blob_anatomies(tmp_path):
+    """``anatomy_share``: that share of batches show the file's anatomy (three labels at most),
+    the rest random blobs (many labels)."""
+    _write_anatomy(tmp_path / "anatomy.nii.gz")
+    s = SynthSettings(
+        shape=(16, 16, 16), anatomy=str(tmp_path / "anatomy.nii.gz"), anatomy_share=0.5
+    )
+    counts = [synthetic_pair(s, seed=i)["fixed_labels"].unique().numel() for i in range(40)]
+    from_file = sum(n <= 3 for n in counts)
+    assert 10 <= from_file <= 30 and all(n <= 3 or n >= 8 for n in counts)
