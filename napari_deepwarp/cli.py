@@ -401,6 +401,14 @@ def _add_train(sub) -> None:
         "flow loss, FlowNet style), e.g. to start a coarse-to-fine network off the identity",
     )
     p.add_argument(
+        "--affine-weight",
+        type=non_negative_float,
+        default=0.0,
+        help="synthetic pairs, a model with a linear part (LinDef): add the squared distance "
+        "between its affine and the affine closest to the true field, so that the linear "
+        "branch learns the rotation, scale and shift",
+    )
+    p.add_argument(
         "--contrast",
         choices=["same", "independent"],
         default="same",
@@ -502,6 +510,7 @@ def cmd_train(args) -> int:
         reg_weight=args.reg_weight,
         labels_weight=args.labels_weight,
         field_weight=args.field_weight,
+        affine_weight=args.affine_weight,
         contrast=args.contrast,
         synth=_config_overrides(args.synth),
         checkpoint_every=args.checkpoint_every,

@@ -513,3 +513,21 @@ def affine_to_field(matrix: torch.Tensor, shape: Shape3) -> torch.Tensor:
     flat = grid.flatten(2)  # (1, 3, N)
     mapped = matrix[:, :, :3] @ flat + matrix[:, :, 3:]
     return (mapped - flat).view(matrix.shape[0], 3, *shape)
+
+
+def fit_affine(disp: torch.Tensor) -> torch.Tensor:
+    """The affine map closest to ``p -> p + disp(p)`` in least squares over every voxel.
+
+    ``disp (B, 3, D, H, W)`` voxels; returns ``(B, 3, 4)`` acting on voxel ``(z, y, x)`` as in
+    :func:`affine_to_field` (which returns the field of an affine exactly, so ``fit_affine``
+    recovers it). Computed in float64 about the grid's centre, well conditioned at any size.
+    """
+    shape = tuple(disp.shape[2:])
+    grid = identity_grid(shape, disp.device, torch.float64).flatten(2)[0]  # (3, N)
+    centre = grid.mean(1, keepdim=True)
+    x = torch.cat([grid - centre, torch.ones_like(grid[:1])])  # (4, N)
+    y = grid + disp.double().flatten(2)  # (B, 3, N)
+    a = torch.linalg.solve(x @ x.T, (y @ x.T).transpose(1, 2)).transpose(1, 2)  # (B, 3, 4)
+    linear = a[:, :, :3]
+    shift = a[:, :, 3:] - linear @ centre
+    return torch.cat([linear, shift], 2).to(disp.dtype)

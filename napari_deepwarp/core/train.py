@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_deepwarp.core import losses
+from napari_deepwarp.core import losses, spatial
 from napari_deepwarp.core.checkpoint import (
     hardware,
     load_checkpoint,
@@ -71,7 +71,11 @@ class TrainSettings:
     :data:`losses.SIMILARITY_LOSSES` plus ``reg_weight`` x diffusion; labels_weight: adds a soft
     Dice term on the pairs' label maps (as SynthMorph does; 0: off); field_weight: adds the mean
     squared endpoint error (voxels^2) to the true field of synthetic pairs, the supervised
-    endpoint-error loss of optical-flow networks (FlowNet) (0: off); contrast: synthetic pairs
+    endpoint-error loss of optical-flow networks (FlowNet) (0: off); affine_weight: for a model
+    with a linear part (LinDef), adds the mean squared distance (voxels^2) between the field of
+    its affine and that of the affine closest to the true field (:func:`spatial.fit_affine`), so
+    that the linear branch, not the deformable one, learns the pair's rotation, scale and shift
+    (0: off); contrast: synthetic pairs
     with the ``"same"`` per-label intensities on both sides (for same-modality losses) or
     ``"independent"`` ones (for multi-modal losses such as MI); synth: overrides of
     :class:`SynthSettings` fields (e.g. smaller affine jitter for pairs that the affine stage
@@ -98,6 +102,7 @@ class TrainSettings:
     reg_weight: float = 1.0
     labels_weight: float = 0.0
     field_weight: float = 0.0
+    affine_weight: float = 0.0
     contrast: str = "same"
     synth: dict = field(default_factory=dict)
     checkpoint_every: int = 100
@@ -196,9 +201,25 @@ def _objective(model: RegistrationModel, settings: TrainSettings):
             term = (output.displacement - batch["field"]).square().sum(1).mean()
             total = total + settings.field_weight * term
             terms = {**terms, "field": term.detach()}
+        if settings.affine_weight > 0:
+            term = _affine_term(output, batch["field"])
+            total = total + settings.affine_weight * term
+            terms = {**terms, "affine": term.detach()}
         return total, terms
 
     return loss
+
+
+def _affine_term(output, true_field: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance (voxels^2) between the fields of the output's affine and of the
+    affine closest to ``true_field``."""
+    if output.affine is None:
+        raise InputError(
+            "--affine-weight needs a model with a linear part (LinDef with use_affine=true)"
+        )
+    shape = tuple(true_field.shape[2:])
+    target = spatial.affine_to_field(spatial.fit_affine(true_field), shape)
+    return (spatial.affine_to_field(output.affine.float(), shape) - target).square().sum(1).mean()
 
 
 def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: torch.Tensor):
@@ -213,11 +234,14 @@ def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: tor
 
 def _source(settings: TrainSettings):
     if settings.data == "synth":
-        return SynthSource(synth_settings(settings), settings.seed, settings.field_weight > 0)
-    if settings.field_weight > 0:
-        raise InputError(
-            "--field-weight needs --data synth: only synthetic pairs come with their true field"
-        )
+        field = settings.field_weight > 0 or settings.affine_weight > 0
+        return SynthSource(synth_settings(settings), settings.seed, field)
+    for name in ("field_weight", "affine_weight"):
+        if getattr(settings, name) > 0:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(
+                f"{flag} needs --data synth: only synthetic pairs come with their true field"
+            )
     return VolumeSource(settings.data, tuple(settings.shape), _cache(settings), settings.seed)
 
 
@@ -567,6 +591,11 @@ def _card(
         extra_terms["field"] = {
             "name": "squared endpoint error to the true synthetic field (voxels^2)",
             "weight": settings.field_weight,
+        }
+    if settings.affine_weight > 0:
+        extra_terms["affine"] = {
+            "name": "squared distance to the affine closest to the true synthetic field (voxels^2)",
+            "weight": settings.affine_weight,
         }
     if extra_terms:
         describe = getattr(model, "loss_description", None)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from conftest import run_generator
 
-from napari_deepwarp.core import datasets
+from napari_deepwarp.core import datasets, spatial
 from napari_deepwarp.core.checkpoint import load_checkpoint, read_card
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.models.registry import create_model
@@ -412,3 +412,34 @@ def test_synth_anatomy_trains_and_a_wrong_type_is_named(tmp_path, one_thread):
     assert read_card(tmp_path / "vm.pt")["training"]["synthetic_pairs"]["anatomy"] == anatomy
     with pytest.raises(InputError, match="anatomy takes a file path"):
         run_generator(train(settings(tmp_path, name="x.pt", steps=2, synth={"anatomy": 3})))
+
+
+def test_affine_supervision_teaches_lindefs_linear_branch(tmp_path, one_thread):
+    """``affine_weight``: the term is the squared distance between the model's affine field and
+    the true field's closest affine, it pulls the linear branch towards that affine, it is
+    carded, and a model without a linear part is refused with the fix."""
+    run = settings(tmp_path, model="lindef", affine_weight=1.0)
+    torch.manual_seed(0)
+    model = create_model("lindef", enc_channels=[8, 8, 8, 8, 8], dec_channels=[8, 8, 8])
+    synth = SynthSettings(shape=(16, 16, 16), rotation=0, scaling=0, shear=0, translation=3)
+    batch = datasets.SynthSource(synth, seed=2, field=True).batch(1, 0, 1, "cpu")
+    objective = _objective(model, run)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    target = spatial.affine_to_field(spatial.fit_affine(batch["field"]), (16, 16, 16))
+    errors = []
+    for _ in range(30):
+        optimiser.zero_grad()
+        output = model(batch["moving"], batch["fixed"])
+        loss, terms = objective(output, batch)
+        loss.backward()
+        optimiser.step()
+        mine = spatial.affine_to_field(output.affine, (16, 16, 16))
+        assert float(terms["affine"]) == pytest.approx(
+            float((mine - target).square().sum(1).mean()), rel=1e-4
+        )
+        errors.append(float(terms["affine"]))
+    assert errors[0] > 1 and errors[-1] < 0.2 * errors[0]
+    run_generator(train(settings(tmp_path, "l.pt", model="lindef", steps=1, affine_weight=1.0)))
+    assert read_card(tmp_path / "l.pt")["loss"]["affine"]["weight"] == 1.0
+    with pytest.raises(InputError, match="needs a model with a linear part"):
+        run_generator(train(settings(tmp_path, steps=1, affine_weight=1.0)))
