@@ -138,7 +138,9 @@ def main() -> None:
         print(path.name, {k: round(v["dice"], 3) for k, v in results.items()}, flush=True)
     report = {
         "command": "python -m benchmarks.checkpoints_mindboggle "
-        + f"--pairs {args.pairs} --refine-pairs {args.refine_pairs or args.pairs} "
+        + f"--pairs {args.pairs} --refine-pairs "
+        + (args.pairs if args.refine_pairs is None else f"'{args.refine_pairs}'")
+        + " "
         + f"--finetune-pairs '{args.finetune_pairs}' --finetune-steps '{args.finetune_steps}'"
         + (f" --max-size {args.max_size}" if args.max_size else "")
         + (" --checkpoints " + " ".join(args.checkpoints) if args.checkpoints else "")

@@ -9,7 +9,9 @@ with field refinement and fine-tuning, the commands that measured them), and the
 the best inference Dice is marked ``"default": true`` (the one ``deepwarp register`` uses when no
 model is named) *only if* it beats the affine stage alone, measured in the same run, by more
 than :data:`MARGIN`: a default
-must never make a registration worse than the affine stage would. A checkpoint measured again
+must never make a registration worse than the affine stage would. Shipped checkpoints that the
+benchmark also measured (in ``--out``, not in ``--trained``) compete for the default, so one new
+checkpoint can be shipped alone; only their default flag is rewritten. A checkpoint measured again
 loses its earlier Mindboggle figures. The training command, hardware and duration in the card
 are left as training wrote them.
 """
@@ -65,15 +67,24 @@ def main() -> None:
                 measured.setdefault(name, {}).update(entry["results"])
                 commands.setdefault(name, []).append(report["command"])
     trained = sorted(p for p in Path(args.trained).glob("*.pt") if not p.name.endswith(".state.pt"))
+    out = Path(args.out)
+    # shipped checkpoints measured in the same run compete for the default too, so that shipping
+    # one new checkpoint cannot take the default from a better one already shipped
+    names = {p.name for p in trained}
+    others = sorted(p for p in out.glob("*.pt") if p.name in measured and p.name not in names)
     better = [
         p
-        for p in trained
+        for p in trained + others
         if "inference" in measured.get(p.name, {}) and _gain(measured, affine, p) > MARGIN
     ]
     best = max(better, key=lambda p: _gain(measured, affine, p), default=None)
     if best is None:
         print("no checkpoint beats the affine stage on the benchmark: none is marked default")
-    out = Path(args.out)
+    for path in others:  # only their default flag follows this run; their figures stay
+        model, card = load_checkpoint(path)
+        if bool(card.get("default")) != (path == best):
+            save_checkpoint(path, model, {**card, "default": path == best})
+            print(f"{path}: default={path == best} (measured in this run, not re-shipped)")
     for path in trained:
         model, card = load_checkpoint(path)
         results = measured.get(path.name, {})

@@ -1,0 +1,100 @@
+"""resources/ship_checkpoints.py: figures into the cards, and the default only where earned."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from napari_deepwarp.core.checkpoint import make_card, read_card, save_checkpoint
+from napari_deepwarp.core.models.registry import create_model
+
+SCRIPT = Path(__file__).resolve().parents[2] / "resources" / "ship_checkpoints.py"
+
+
+@pytest.fixture(scope="module")
+def ship():
+    spec = importlib.util.spec_from_file_location("ship_checkpoints", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checkpoint(path: Path, default: bool = False) -> None:
+    model = create_model("voxelmorph", enc_channels=[4, 4], dec_channels=[4, 4])
+    card = make_card(model, metrics={"validation_mean_dice": 0.5}, default=default)
+    save_checkpoint(path, model, card)
+
+
+def _benchmark(path: Path, dice: dict[str, float], affine: float = 0.42) -> None:
+    entries = [{"name": "affine stage alone", "results": {"inference": {"dice": affine}}}]
+    for name, value in dice.items():
+        result = {"dice": value, "folding_percent": 0.0, "wall_s": 1.0, "pairs": ["1<-2"]}
+        entries.append({"name": name, "path": f"x/{name}", "results": {"inference": result}})
+    report = {"command": "python -m benchmarks.checkpoints_mindboggle", "checkpoints": entries}
+    path.write_text(json.dumps(report), encoding="utf-8")
+
+
+def _run(ship, monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["ship_checkpoints.py", *map(str, args)])
+    ship.main()
+
+
+def test_one_new_checkpoint_cannot_take_the_default_from_a_better_shipped_one(
+    ship, tmp_path, monkeypatch
+):
+    """Shipping one checkpoint alone: the shipped default measured in the same run keeps the
+    default when it is better, and loses it (and only its flag changes) when it is worse."""
+    shipped, trained = tmp_path / "shipped", tmp_path / "trained"
+    _checkpoint(shipped / "best.pt", default=True)
+    _checkpoint(trained / "new.pt")
+    _benchmark(tmp_path / "b.json", {"best.pt": 0.58, "new.pt": 0.46})
+    _run(
+        ship,
+        monkeypatch,
+        "--trained",
+        trained,
+        "--out",
+        shipped,
+        "--benchmark",
+        tmp_path / "b.json",
+    )
+    new, best = read_card(shipped / "new.pt"), read_card(shipped / "best.pt")
+    assert new["default"] is False and best["default"] is True
+    assert new["metrics"]["mindboggle_mean_dice"] == 0.46
+    assert new["metrics"]["mindboggle_mean_dice_affine_stage"] == 0.42
+    assert "mindboggle_mean_dice" not in best["metrics"]  # its own figures stay as they were
+
+    _benchmark(tmp_path / "c.json", {"best.pt": 0.50, "new.pt": 0.60})
+    _run(
+        ship,
+        monkeypatch,
+        "--trained",
+        trained,
+        "--out",
+        shipped,
+        "--benchmark",
+        tmp_path / "c.json",
+    )
+    assert read_card(shipped / "new.pt")["default"] is True
+    assert read_card(shipped / "best.pt")["default"] is False
+
+
+def test_no_default_below_the_affine_stage(ship, tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "trained" / "weak.pt")
+    _benchmark(tmp_path / "b.json", {"weak.pt": 0.421})
+    out = tmp_path / "shipped"
+    _run(
+        ship,
+        monkeypatch,
+        "--trained",
+        tmp_path / "trained",
+        "--out",
+        out,
+        "--benchmark",
+        tmp_path / "b.json",
+    )
+    assert read_card(out / "weak.pt")["default"] is False
