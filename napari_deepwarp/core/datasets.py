@@ -54,6 +54,16 @@ class SynthSource:
     def __init__(self, settings: SynthSettings | None = None, seed: int = 0, field: bool = False):
         """``field``: each batch also holds ``field``, the true pull field (:mod:`synth`)."""
         self.settings, self.seed, self.field = settings or SynthSettings(), seed, field
+        anatomy = self.settings.anatomy
+        if anatomy:
+            share = self.settings.anatomy_share
+            mixed = (
+                "" if share >= 1 else f" in {share:.0%} of the batches, random blobs in the rest"
+            )
+            self.description = (
+                f"synthetic pairs drawn from the label map {Path(anatomy).name}{mixed} "
+                "(random contrasts, random smooth warps)"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:

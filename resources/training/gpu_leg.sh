@@ -43,7 +43,7 @@ case "$leg" in
       --synth scaling=0.02 --synth shear=0.01 --synth "displacement=$(scale 2.25)"
       --synth still=0.3 --synth merge=0.6 --synth same=0.3) ;;
   conv2warp)
-    args=(--model conv2warp --init resources/checkpoints/conv2warp_synth_still.pt --contrast same
+    args=(--model conv2warp --init resources/checkpoints/conv2warp_brain.pt --contrast same
       --similarity lncc --reg-weight 1 --labels-weight 1 --field-weight 0.1 --lr 1e-4
       --synth rotation=2 --synth "translation=$(scale 1)" --synth scaling=0.02
       --synth shear=0.01 --synth "displacement=$(scale 2.25)" --synth still=0.1) ;;

@@ -409,7 +409,9 @@ def test_synth_anatomy_trains_and_a_wrong_type_is_named(tmp_path, one_thread):
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "tissues.nii.gz"))
     anatomy = str(tmp_path / "tissues.nii.gz")
     run_generator(train(settings(tmp_path, steps=2, synth={"anatomy": anatomy})))
-    assert read_card(tmp_path / "vm.pt")["training"]["synthetic_pairs"]["anatomy"] == anatomy
+    training = read_card(tmp_path / "vm.pt")["training"]
+    assert training["synthetic_pairs"]["anatomy"] == anatomy
+    assert "drawn from the label map tissues.nii.gz" in training["data"]
     with pytest.raises(InputError, match="anatomy takes a file path"):
         run_generator(train(settings(tmp_path, name="x.pt", steps=2, synth={"anatomy": 3})))
 
