@@ -38,7 +38,8 @@ def _benchmark(path: Path, dice: dict[str, float], affine: float = 0.42) -> None
     path.write_text(json.dumps(report), encoding="utf-8")
 
 
-def _run(ship, monkeypatch, *args: str) -> None:
+def _ship(ship, monkeypatch, trained: Path, out: Path, benchmark: Path) -> None:
+    args = ["--trained", trained, "--out", out, "--benchmark", benchmark]
     monkeypatch.setattr(sys, "argv", ["ship_checkpoints.py", *map(str, args)])
     ship.main()
 
@@ -52,16 +53,7 @@ def test_one_new_checkpoint_cannot_take_the_default_from_a_better_shipped_one(
     _checkpoint(shipped / "best.pt", default=True)
     _checkpoint(trained / "new.pt")
     _benchmark(tmp_path / "b.json", {"best.pt": 0.58, "new.pt": 0.46})
-    _run(
-        ship,
-        monkeypatch,
-        "--trained",
-        trained,
-        "--out",
-        shipped,
-        "--benchmark",
-        tmp_path / "b.json",
-    )
+    _ship(ship, monkeypatch, trained, shipped, tmp_path / "b.json")
     new, best = read_card(shipped / "new.pt"), read_card(shipped / "best.pt")
     assert new["default"] is False and best["default"] is True
     assert new["metrics"]["mindboggle_mean_dice"] == 0.46
@@ -69,16 +61,7 @@ def test_one_new_checkpoint_cannot_take_the_default_from_a_better_shipped_one(
     assert "mindboggle_mean_dice" not in best["metrics"]  # its own figures stay as they were
 
     _benchmark(tmp_path / "c.json", {"best.pt": 0.50, "new.pt": 0.60})
-    _run(
-        ship,
-        monkeypatch,
-        "--trained",
-        trained,
-        "--out",
-        shipped,
-        "--benchmark",
-        tmp_path / "c.json",
-    )
+    _ship(ship, monkeypatch, trained, shipped, tmp_path / "c.json")
     assert read_card(shipped / "new.pt")["default"] is True
     assert read_card(shipped / "best.pt")["default"] is False
 
@@ -87,14 +70,5 @@ def test_no_default_below_the_affine_stage(ship, tmp_path, monkeypatch):
     _checkpoint(tmp_path / "trained" / "weak.pt")
     _benchmark(tmp_path / "b.json", {"weak.pt": 0.421})
     out = tmp_path / "shipped"
-    _run(
-        ship,
-        monkeypatch,
-        "--trained",
-        tmp_path / "trained",
-        "--out",
-        out,
-        "--benchmark",
-        tmp_path / "b.json",
-    )
+    _ship(ship, monkeypatch, tmp_path / "trained", out, tmp_path / "b.json")
     assert read_card(out / "weak.pt")["default"] is False
