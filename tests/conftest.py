@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +35,19 @@ def make_pair(size=(32, 32, 32), n_labels=8, amplitude=3.0, seed=0):
     fixed = spatial.warp(image, field)
     fixed_labels = spatial.warp(labels.float(), field, mode="nearest").long()
     return image, fixed, labels, fixed_labels, field
+
+
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+
+
+def load_script(relative: str):
+    """A script under ``resources/`` (e.g. ``"training/widen_conv2warp.py"``), imported as a
+    module so that tests can call its functions."""
+    path = RESOURCES / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_generator(gen):

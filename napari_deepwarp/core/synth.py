@@ -14,8 +14,9 @@ side then gets its own image: random intensity per label (with ``merge`` > 0, th
 by random groups of labels), a smooth multiplicative bias field, blur, noise and a gamma, so that
 a network trained on them learns shape, not one contrast (with ``same`` > 0, that often both
 sides share one contrast). With ``anatomy``, the label map is a file's (a brain template's
-tissue classes, say) instead of random blobs, so the pairs have the shape of real anatomy; label 0
-is then the file's background, dark when ``background`` > 0. Everything runs in torch on the chosen device, batched.
+tissue classes, say) instead of random blobs, so the pairs have the shape of real anatomy; label
+0 is then the file's background, dark when ``background`` > 0. Everything runs in torch on the
+chosen device, batched.
 
 Shapes: label maps ``(B, 1, D, H, W)`` int64, images ``(B, 1, D, H, W)`` float32 in [0, 1],
 fields ``(B, 3, D, H, W)`` pull displacements in voxels (see :mod:`spatial`).
@@ -236,8 +237,8 @@ def synthetic_pair(
     """A batch of pairs: ``moving``, ``fixed`` images and ``moving_labels``, ``fixed_labels``;
     with ``field``, also ``field``: the true moving-to-fixed pull field (:func:`true_field`).
 
-    Both label maps are the same random anatomy (or ``s.anatomy``'s) under two independent random transforms
-    (the same one for a still pair, with probability ``s.still``);
+    Both label maps are the same random anatomy (or ``s.anatomy``'s) under two independent random
+    transforms (the same one for a still pair, with probability ``s.still``);
     each image has its own random contrast (or, with ``s.same_contrast`` or with probability
     ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
     given ``seed``.

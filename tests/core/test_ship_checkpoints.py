@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from napari_deepwarp.core.checkpoint import make_card, read_card, save_checkpoint
 from napari_deepwarp.core.models.registry import create_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "resources" / "ship_checkpoints.py"
-
 
 @pytest.fixture(scope="module")
 def ship():
-    spec = importlib.util.spec_from_file_location("ship_checkpoints", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ship_checkpoints.py")
 
 
 def _checkpoint(path: Path, default: bool = False) -> None:

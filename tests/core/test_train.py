@@ -201,21 +201,26 @@ def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one
     assert result.val_dice_before > 0.5  # same anatomy, affinely aligned
 
 
+def _optimise(model, objective, batch, steps: int, lr: float):
+    """Adam on one batch: yields each step's output and loss terms (after the update)."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        output = model(batch["moving"], batch["fixed"])
+        loss, terms = objective(output, batch)
+        loss.backward()
+        optimiser.step()
+        yield output, terms
+
+
 def test_field_supervision_pulls_the_prediction_to_the_true_field(tmp_path, one_thread):
     run = settings(tmp_path, field_weight=2.0, labels_weight=1.0)
     model = create_model("voxelmorph")
     batch = datasets.SynthSource(SynthSettings(shape=(32, 32, 32)), seed=1, field=True).batch(
         1, 0, 1, "cpu"
     )
-    objective = _objective(model, run)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     errors = []
-    for _ in range(25):
-        optimiser.zero_grad()
-        output = model(batch["moving"], batch["fixed"])
-        loss, terms = objective(output, batch)
-        loss.backward()
-        optimiser.step()
+    for output, terms in _optimise(model, _objective(model, run), batch, 25, lr=1e-3):
         epe = (output.displacement - batch["field"]).square().sum(1).mean()
         assert float(terms["field"]) == pytest.approx(float(epe), rel=1e-5)
         errors.append(float(terms["field"]))
@@ -425,16 +430,9 @@ def test_affine_supervision_teaches_lindefs_linear_branch(tmp_path, one_thread):
     model = create_model("lindef", enc_channels=[8, 8, 8, 8, 8], dec_channels=[8, 8, 8])
     synth = SynthSettings(shape=(16, 16, 16), rotation=0, scaling=0, shear=0, translation=3)
     batch = datasets.SynthSource(synth, seed=2, field=True).batch(1, 0, 1, "cpu")
-    objective = _objective(model, run)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     target = spatial.affine_to_field(spatial.fit_affine(batch["field"]), (16, 16, 16))
     errors = []
-    for _ in range(30):
-        optimiser.zero_grad()
-        output = model(batch["moving"], batch["fixed"])
-        loss, terms = objective(output, batch)
-        loss.backward()
-        optimiser.step()
+    for output, terms in _optimise(model, _objective(model, run), batch, 30, lr=3e-3):
         mine = spatial.affine_to_field(output.affine, (16, 16, 16))
         assert float(terms["affine"]) == pytest.approx(
             float((mine - target).square().sum(1).mean()), rel=1e-4

@@ -3,25 +3,19 @@ learn apart."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from napari_deepwarp.core.checkpoint import load_checkpoint, save_checkpoint
 from napari_deepwarp.core.models.conv2warp import Conv2Warp, Conv2WarpConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "resources" / "training" / "widen_conv2warp.py"
-
 
 @pytest.fixture(scope="module")
 def widen_script():
-    spec = importlib.util.spec_from_file_location("widen_conv2warp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training/widen_conv2warp.py")
 
 
 def trained_looking(share_levels: bool) -> Conv2Warp:
