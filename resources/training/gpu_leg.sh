@@ -31,7 +31,7 @@ common=(--data synth --steps 1000000 --time-limit "$minutes" --shape "$n" "$n" "
 case "$leg" in
   lindef_affine)  # the coupled network, misaligned as native-space brains are; its head reads
     # first moments, both ways, in two passes (see the LinDef docstring and the training record)
-    args=(--model lindef --init resources/checkpoints/lindef_noaffine_lncc.pt
+    args=(--model lindef --init resources/checkpoints/lindef_noaffine_brain.pt
       --config use_affine=true --config 'affine_pooling="moments"' --config affine_symmetric=true
       --config affine_iterations=2 --contrast same --similarity lncc --reg-weight 1
       --labels-weight 1 --field-weight 0.2 --lr 1e-4 --synth rotation=20
