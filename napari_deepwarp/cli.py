@@ -15,6 +15,7 @@ from pathlib import Path
 from napari_deepwarp.cli_exits import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
+    EXIT_NOT_FINITE,
     EXIT_TERMINATED,
     EXIT_WORSE,
     OneLineParser,
@@ -164,7 +165,12 @@ def cmd_register(args) -> int:
     with ThreadPoolExecutor(2, thread_name_prefix="deepwarp-read") as pool:
         wait = read_inputs(paths, pool)
         from napari_deepwarp.core.gpu import release_memory, with_oom_fallback
-        from napari_deepwarp.core.pipeline import WorseThanBaseline, register, write_result
+        from napari_deepwarp.core.pipeline import (
+            NonFiniteField,
+            WorseThanBaseline,
+            register,
+            write_result,
+        )
 
         settings, model = settings_and_model(args)
         if args.save_finetuned and settings.finetune.steps == 0:
@@ -184,6 +190,9 @@ def cmd_register(args) -> int:
     except WorseThanBaseline as exc:
         print(f"deepwarp: {exc}; nothing written (--if-worse fail)", file=sys.stderr)
         return EXIT_WORSE
+    except NonFiniteField as exc:
+        print(f"deepwarp: error: {exc}; nothing written", file=sys.stderr)
+        return EXIT_NOT_FINITE
     release_memory(settings.device)
     result.metrics["seconds"]["read_wait"] = waited  # reading not hidden behind the imports
     if result.metrics.get("auto", {}).get("path"):

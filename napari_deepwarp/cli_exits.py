@@ -1,8 +1,9 @@
 """How a ``deepwarp`` command ends: exit codes, one-line errors and notes, and signals.
 
 Exit codes: 0 done; 2 bad input, a full disk or an output folder that cannot be written (one
-line ``deepwarp: error: ...``, nothing written); 3 ``--if-worse fail``; 130 Ctrl-C; 143 SIGTERM
-(both remove what was being written).
+line ``deepwarp: error: ...``, nothing written); 3 ``--if-worse fail``; 4 the deformable stage
+gave a field with NaN or infinite values (nothing written); 130 Ctrl-C; 143 SIGTERM (both remove
+what was being written).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 #: ``--if-worse fail`` and the deformable stage made the pair worse than the affine stage
 EXIT_WORSE = 3
+#: the deformable stage's field is not finite (NaN or infinite values): nothing to hand back
+EXIT_NOT_FINITE = 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
 
 

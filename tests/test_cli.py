@@ -476,3 +476,27 @@ def test_help_and_bad_input_answer_without_importing_torch(argv, tmp_path):
         cwd=tmp_path,
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_a_field_that_is_not_finite_exits_4_and_writes_nothing(pair, capsys, one_thread):
+    """A network whose field holds NaN (here: NaN weights in its last layer) is never handed
+    back, whatever --if-worse says."""
+    import torch
+
+    from napari_deepwarp.core.checkpoint import make_card, save_checkpoint
+    from napari_deepwarp.core.models.registry import create_model
+
+    d, f, m = pair
+    model = create_model("voxelmorph")
+    with torch.no_grad():
+        model.flow.conv.weight.fill_(float("nan"))
+    checkpoint = save_checkpoint(d / "nan.pt", model, make_card(model))
+    out = d / "out"
+    argv = [
+        "register", str(f), str(m), "-o", str(out), "--checkpoint", str(checkpoint),
+        "--if-worse", "keep", "--max-size", "16", "--device", "cpu", "-q",
+    ]  # fmt: skip
+    assert main(argv) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite" in err[0] and "--precision float32" in err[0]
+    assert not out.exists() or not any(out.iterdir())

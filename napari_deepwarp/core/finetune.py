@@ -9,7 +9,8 @@ Multi-resolution is a scale space: the first levels feed Gaussian-smoothed image
 working voxels, coarse to fine) to the network and the loss, which widens the capture range; the
 last level uses the images as they are. The step budget is split evenly across levels.
 Early stop: at the last level, when the loss has not improved by ``min_delta`` (relative) for
-``patience`` steps.
+``patience`` steps. A step whose loss or gradient is not finite is skipped, as in training
+(:func:`precision.guarded_step`): the copy keeps its weights, and the step still counts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from napari_deepwarp.core import losses
 from napari_deepwarp.core.models.blocks import gaussian_smooth
 from napari_deepwarp.core.models.registry import RegistrationModel, RegistrationOutput
-from napari_deepwarp.core.precision import autocast
+from napari_deepwarp.core.precision import autocast, guarded_step
 from napari_deepwarp.core.progress import Plateau, Progress, stop_reason
 from napari_deepwarp.core.supervision import Supervision
 
@@ -56,7 +57,8 @@ class FinetuneSettings:
 
 @dataclass
 class FinetuneResult:
-    """The tuned copy, its field on the input grid ``(1, 3, D, H, W)`` voxels, and the history."""
+    """The tuned copy, its field on the input grid ``(1, 3, D, H, W)`` voxels, and the history
+    (``skipped_steps``: steps whose loss or gradient was not finite, left without an update)."""
 
     model: RegistrationModel
     displacement: torch.Tensor
@@ -64,6 +66,7 @@ class FinetuneResult:
     steps_run: int
     stopped_early: bool
     seconds: float
+    skipped_steps: int = 0
 
 
 def _objective(model: RegistrationModel, settings: FinetuneSettings):
@@ -128,7 +131,7 @@ def finetune_network(
     sigmas = [*settings.level_sigmas, 0.0]
     per_level = max(1, settings.steps // len(sigmas))
     history: list[float] = []
-    step, stopped, halted = 0, False, False
+    step, skipped, stopped, halted = 0, 0, False, False
     plateau = Plateau(settings.patience, settings.min_delta)
     for level, sigma in enumerate(sigmas):
         last = level == len(sigmas) - 1
@@ -145,10 +148,9 @@ def finetune_network(
                     )
                     loss = loss + extra
             scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
+            value, stepped = guarded_step(optimiser, scaler, tuned.parameters(), loss)
+            skipped += not stepped
             step += 1
-            value = float(loss.detach())
             history.append(value)
             preview = None
             if settings.preview_every and step % settings.preview_every == 0:
@@ -171,4 +173,5 @@ def finetune_network(
     with torch.no_grad(), autocast(moving.device, dtype):
         displacement = tuned(moving, fixed).displacement.detach()
     displacement = displacement.float()
-    return FinetuneResult(tuned, displacement, history, step, stopped, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return FinetuneResult(tuned, displacement, history, step, stopped, seconds, skipped)

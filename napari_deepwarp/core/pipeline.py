@@ -386,6 +386,11 @@ class WorseThanBaseline(RuntimeError):
     """``if_worse="fail"`` and the deformable stage made the pair worse (message: the verdict)."""
 
 
+class NonFiniteField(RuntimeError):
+    """The deformable stage gave a displacement with NaN or infinite values: there is no result
+    to hand back, whatever ``if_worse`` says (message: what happened and what to try)."""
+
+
 @dataclass
 class _Run:
     """What the stages of one :func:`register` call share (inputs, choices, measurements)."""
@@ -465,6 +470,13 @@ def register(
     if run.settings.model == AUTO and model is None:
         model = _auto_model(run)
     grid, field_w, model = yield from _network_stage(run, model)
+    if field_w is not None and not bool(torch.isfinite(field_w).all()):
+        share = float((~torch.isfinite(field_w)).float().mean())
+        raise NonFiniteField(
+            f"the displacement field after {run.stage} is not finite ({100 * share:.1f} % of "
+            "its values are NaN or infinite); nothing is handed back. Run again with "
+            "--precision float32 (in the widget: precision float32), or without fine-tuning"
+        )
     result = yield from _finish(run, grid, field_w, model)
     verdict = result.verdict
     if verdict is None or not verdict.worse or run.settings.if_worse == "keep":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -51,7 +50,12 @@ from napari_deepwarp.core.datasets import (
 )
 from napari_deepwarp.core.io import InputError
 from napari_deepwarp.core.models.registry import RegistrationModel, create_model
-from napari_deepwarp.core.precision import autocast, precision_name, resolve_precision
+from napari_deepwarp.core.precision import (
+    autocast,
+    guarded_step,
+    precision_name,
+    resolve_precision,
+)
 from napari_deepwarp.core.progress import Progress
 from napari_deepwarp.core.spatial import warp
 from napari_deepwarp.core.synth import SynthSettings
@@ -459,16 +463,12 @@ def _train(settings: TrainSettings, dist: _Distributed):
             scaler.scale(loss).backward()
             # A spike must not wreck a long run: clip the gradient norm, and skip a step whose
             # loss or gradient is not finite (every process skips it: DDP averaged the grads).
-            scaler.unscale_(optimiser)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            # The step's one read from the device: the loss and the norm together.
-            value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
-            if math.isfinite(value) and math.isfinite(norm_value):
-                scaler.step(optimiser)
-            else:
+            value, stepped = guarded_step(
+                optimiser, scaler, model.parameters(), loss, settings.grad_clip
+            )
+            if not stepped:
                 skipped += 1
                 terms = {**terms, "skipped_steps": skipped}
-            scaler.update()
             out_of_time = _out_of_time(settings, t0, dist)
             last = step == settings.steps or out_of_time
             running = value if running is None else 0.95 * running + 0.05 * value

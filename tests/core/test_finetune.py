@@ -102,7 +102,7 @@ def test_gaussian_smooth_keeps_constants_and_mass():
 
 def test_a_step_reads_one_number_from_the_device(registration_pair, one_thread, monkeypatch):
     """Inside the fine-tuning and refinement loops the only read of a tensor's value is the
-    step's loss (progress and early stop need it): on a GPU every read waits for the queue.
+    step's loss (progress and early stop need it; fine-tuning reads the gradient's norm with it): on a GPU every read waits for the queue.
     The loss terms, the supervision's included, stay tensors. (Adam's step counters are CPU
     tensors whatever the device, so its .item() calls are not reads from the GPU.)"""
     from napari_deepwarp.core.refine import RefineSettings, refine_field
@@ -127,8 +127,38 @@ def test_a_step_reads_one_number_from_the_device(registration_pair, one_thread, 
     steps = 5
     tune = FinetuneSettings(steps=steps, level_sigmas=(), labels_weight=1.0, preview_every=0)
     run_generator(finetune_network(model, moving, fixed, tune, supervision))
-    assert reads == ["__float__"] * steps
+    assert reads == ["tolist"] * steps  # the loss and the gradient's norm, together
     reads.clear()
     refine = RefineSettings(steps=steps, levels=(1,), labels_weight=1.0, preview_every=0)
     run_generator(refine_field(moving, fixed, None, refine, supervision))
     assert reads == ["__float__"] * steps
+
+
+class _NanGradientOnSecondBackward(torch.autograd.Function):
+    """Identity; its second backward pass returns NaN, as a bfloat16 CPU backward now and then
+    gives a non-finite weight gradient (see :func:`precision.guarded_step`)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _NanGradientOnSecondBackward.calls += 1
+        return grad * float("nan") if _NanGradientOnSecondBackward.calls == 2 else grad
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(registration_pair, one_thread):
+    moving, fixed, *_ = registration_pair()
+    model = create_model("voxelmorph", **SMALL)
+    _NanGradientOnSecondBackward.calls = 0
+    model.flow.register_forward_hook(lambda m, i, out: _NanGradientOnSecondBackward.apply(out))
+    settings = FinetuneSettings(steps=4, level_sigmas=(), preview_every=0)
+    _, result = run_generator(finetune_network(model, moving, fixed, settings))
+    assert _NanGradientOnSecondBackward.calls == 4
+    assert result.skipped_steps == 1 and result.steps_run == 4
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert torch.isfinite(result.displacement).all()
+    assert all(torch.isfinite(torch.tensor(result.losses)))

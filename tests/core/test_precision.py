@@ -11,8 +11,9 @@ from napari_deepwarp.core import precision
 from napari_deepwarp.core.checkpoint import default_checkpoint, load_checkpoint
 from napari_deepwarp.core.finetune import FinetuneSettings, finetune_network
 from napari_deepwarp.core.io import InputError
+from napari_deepwarp.core.models.blocks import ConvBlock
 from napari_deepwarp.core.models.registry import create_model
-from napari_deepwarp.core.pipeline import RegistrationSettings, register
+from napari_deepwarp.core.pipeline import NonFiniteField, RegistrationSettings, register
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -132,3 +133,30 @@ def test_a_channels_last_architecture_runs_in_that_layout_with_the_same_field(mo
         assert weight.is_contiguous() != layout
     assert fields[True].abs().max() > 0.1
     torch.testing.assert_close(fields[True], fields[False], atol=1e-4, rtol=1e-4)
+
+
+def test_a_bfloat16_conv_two_voxels_deep_has_the_float32_weight_gradient():
+    """A U-Net's bottleneck on a working grid 32 voxels deep: oneDNN's bfloat16 weight gradient
+    is garbage there (up to 1e31), so :class:`ConvBlock` runs that convolution in float32."""
+    torch.manual_seed(0)
+    block = ConvBlock(32, 32)
+    x = torch.randn(1, 32, 2, 4, 4)
+    reference = torch.autograd.grad(block(x).square().sum(), block.conv.weight)[0]
+    for _ in range(3):
+        with precision.autocast("cpu", torch.bfloat16):
+            out = block(x)
+        grad = torch.autograd.grad(out.float().square().sum(), block.conv.weight)[0]
+        assert (grad - reference).abs().max() < 1e-3 * reference.abs().max()
+
+
+@pytest.mark.parametrize("if_worse", ["keep", "affine"])
+def test_a_non_finite_field_is_never_handed_back(if_worse):
+    fixed, _ = blobs(FIXED_GRID)
+    moving, _ = blobs(MOVING_GRID)
+    model = create_model("voxelmorph", enc_channels=(4, 8, 8, 8), dec_channels=(8,) * 5 + (4,))
+    model.flow.register_forward_hook(lambda m, i, out: out * float("nan"))
+    settings = RegistrationSettings(
+        model="voxelmorph", device="cpu", max_size=32, if_worse=if_worse
+    )
+    with pytest.raises(NonFiniteField, match=r"after the network is not finite \(100.0 %.*float32"):
+        drain(register(fixed, moving, settings, model))

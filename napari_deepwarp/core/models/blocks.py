@@ -119,7 +119,21 @@ class ConvBlock(nn.Module):
         self.act = make_activation(activation, negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 2 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return self.act(self.norm(conv_in_float32(self.conv, x)))
         return self.act(self.norm(self.conv(x)))
+
+
+def conv_in_float32(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in float32 with autocast off.
+
+    On the CPU, a bfloat16 ``Conv3d`` whose input is 2 voxels deep (a U-Net's bottleneck on a
+    working grid 32 voxels deep) gets a weight gradient of garbage (values up to 1e31) in every
+    backward pass (oneDNN in torch 2.13; stride 1, kernel 3, most channel counts); the forward
+    pass and the input's gradient are right. Such layers are a few voxels, so float32 costs
+    nothing (checked in ``tests/core/test_precision.py``)."""
+    with torch.autocast("cpu", enabled=False):
+        return conv(x.float())
 
 
 def _as_level(entry: int | Sequence[int]) -> tuple[int, ...]:
