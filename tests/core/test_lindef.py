@@ -10,6 +10,7 @@ from napari_deepwarp.core.models import available_models, create_model
 from napari_deepwarp.core.models.lindef import (
     LinDef,
     LinDefConfig,
+    affine_from_keypoints,
     apply_affine,
     compose_affines,
     first_moments,
@@ -396,3 +397,47 @@ def test_symmetric_head_cancels_an_order_blind_shift():
         model.affine.bias.copy_(shift.flatten())
         out = model(torch.rand(1, 1, 9, 10, 11), torch.rand(1, 1, 9, 10, 11))
     torch.testing.assert_close(out.extras["affine_normalized"], torch.eye(3, 4)[None])
+
+
+def test_affine_from_keypoints_recovers_rotation_scaling_and_shift():
+    torch.manual_seed(0)
+    fixed_points = 2 * torch.rand(2, 16, 3) - 1
+    angle = torch.tensor(0.35)  # 20 degrees about z
+    c, s = torch.cos(angle), torch.sin(angle)
+    linear = torch.tensor([[1.0, 0, 0], [0, c, -s], [0, s, c]]) @ torch.diag(
+        torch.tensor([1.1, 0.9, 1.05])
+    )
+    truth = torch.cat([linear, torch.tensor([[0.1], [-0.2], [0.05]])], dim=1)
+    moving_points = fixed_points @ truth[:, :3].T + truth[:, 3]
+    fitted = affine_from_keypoints(fixed_points, moving_points, ridge=1e-6)
+    torch.testing.assert_close(fitted, truth.expand(2, 3, 4), atol=1e-4, rtol=0)
+    # Points that all sit in one place say nothing of the linear part: the ridge keeps it I.
+    shift = torch.tensor([0.2, -0.1, 0.3])
+    one_place = affine_from_keypoints(torch.zeros(1, 8, 3), shift.expand(1, 8, 3), ridge=0.1)
+    torch.testing.assert_close(one_place[0, :, :3], torch.eye(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_place[0, :, 3], shift * 8 / 8.1, atol=1e-6, rtol=0)
+
+
+def test_keypoint_pooling_starts_as_the_identity_and_learns_from_the_first_step():
+    """A checkpoint without an affine branch loads into it unchanged (what --init needs)."""
+    torch.manual_seed(0)
+    plain = LinDef(LinDefConfig(**NARROW, use_affine=False)).eval()
+    config = LinDefConfig(**NARROW, affine_pooling="keypoints", affine_iterations=2)
+    keypoints = LinDef(config).eval()
+    missing = keypoints.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("affine.", "keypoints.")) for k in missing)
+    moving, fixed = torch.rand(1, 1, 12, 10, 14), torch.rand(1, 1, 12, 10, 14)
+    with torch.no_grad():
+        a, b = plain(moving, fixed), keypoints(moving, fixed)
+    torch.testing.assert_close(b.affine, torch.eye(3, 4)[None], atol=1e-6, rtol=0)
+    # The points are spread (each its own gradient), the same in both images.
+    points = keypoints.keypoints(fixed)[0]
+    assert points.std(dim=0).min() > 0.2
+    torch.testing.assert_close(keypoints.keypoints(moving)[0], points, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.displacement, a.displacement, atol=1e-5, rtol=0)
+    keypoints.train()
+    total, _ = keypoints.loss(keypoints(moving, fixed), moving, fixed)
+    total.backward()
+    grad = keypoints.keypoints.heatmaps.weight.grad.flatten(1)
+    assert (grad.abs().max(dim=1).values > 0).all()  # every point's heatmap learns
+    assert not torch.allclose(grad[0], grad[1])  # and not all alike
