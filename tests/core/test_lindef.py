@@ -411,6 +411,11 @@ def test_affine_from_keypoints_recovers_rotation_scaling_and_shift():
     moving_points = fixed_points @ truth[:, :3].T + truth[:, 3]
     fitted = affine_from_keypoints(fixed_points, moving_points, ridge=1e-6)
     torch.testing.assert_close(fitted, truth.expand(2, 3, 4), atol=1e-4, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: still float32
+        in_autocast = affine_from_keypoints(fixed_points, moving_points, ridge=1e-6)
+        composed = compose_affines(fitted, fitted)
+    assert in_autocast.dtype == composed.dtype == torch.float32
+    torch.testing.assert_close(in_autocast, fitted, atol=1e-6, rtol=0)
     # Points that all sit in one place say nothing of the linear part: the ridge keeps it I.
     shift = torch.tensor([0.2, -0.1, 0.3])
     one_place = affine_from_keypoints(torch.zeros(1, 8, 3), shift.expand(1, 8, 3), ridge=0.1)

@@ -84,9 +84,10 @@ What this implementation does, and where it chooses (section numbers are the pap
   small detector (``keypoint_channels`` dilated 3x3x3 convolutions with instance normalisation
   and LeakyReLU, then a 1x1x1 convolution to ``keypoints`` heatmaps, zero-initialised, plus a
   fixed prior around a centre of its own) reads each image *alone*; each heatmap's softmax
-  over the grid gives one point, its centre of mass in normalised coordinates. The affine is the least-squares map of the fixed image's points
-  onto the moving image's, ``A = argmin sum_k |A [q_k; 1] - p_k|^2 + r |A - [I | 0]|^2`` with a
-  small ridge ``r = keypoint_ridge`` toward the identity (closed form, float32); the linear
+  over the grid gives one point, its centre of mass in normalised coordinates. The affine is
+  the least-squares map of the fixed image's points onto the moving image's,
+  ``A = argmin sum_k |A [q_k; 1] - p_k|^2 + r |A - [I | 0]|^2`` with a small ridge
+  ``r = keypoint_ridge`` toward the identity (closed form, float32 with autocast off); the linear
   head on the mean of the merged features adds its deviation from the identity. Why: the
   pooled heads cannot read a rotation (a linear read-out of the true affine from the pooled
   features of 2,400 brain-shaped pairs leaves about 3 voxels of error held out), while points
@@ -326,8 +327,8 @@ class KeypointDetector(nn.Module):
         channels,
         dilations,
         negative_slope: float,
-        prior_width: float = 0.3,
-        gain: float = 1.0,
+        prior_width: float = 0.5,
+        gain: float = 30.0,
     ):
         super().__init__()
         if len(channels) != len(dilations) or not channels:
@@ -368,13 +369,14 @@ def affine_from_keypoints(
 ) -> torch.Tensor:
     """``(B, 3, 4)`` map ``A`` with ``A [q_k; 1] ~ p_k`` for the fixed points ``q`` and the
     moving points ``p`` (``(B, K, 3)`` each): least squares, plus ``ridge * |A - [I | 0]|^2``;
-    in float32."""
-    q, p = fixed_points.float(), moving_points.float()
-    x = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (B, K, 4)
-    eye = torch.eye(4, device=q.device)
-    gram = x.transpose(1, 2) @ x + ridge * eye
-    rhs = p.transpose(1, 2) @ x + ridge * eye[:3]  # (B, 3, 4)
-    return torch.linalg.solve(gram, rhs.transpose(1, 2)).transpose(1, 2)  # rhs @ gram^-1
+    in float32 (autocast off: a bfloat16 Gram matrix would lose the small rotations)."""
+    with torch.autocast(fixed_points.device.type, enabled=False):
+        q, p = fixed_points.float(), moving_points.float()
+        x = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (B, K, 4)
+        eye = torch.eye(4, device=q.device)
+        gram = x.transpose(1, 2) @ x + ridge * eye
+        rhs = p.transpose(1, 2) @ x + ridge * eye[:3]  # (B, 3, 4)
+        return torch.linalg.solve(gram, rhs.transpose(1, 2)).transpose(1, 2)  # rhs @ gram^-1
 
 
 def _homogeneous(matrix: torch.Tensor) -> torch.Tensor:
@@ -386,13 +388,16 @@ def _homogeneous(matrix: torch.Tensor) -> torch.Tensor:
 def symmetric_affine(forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
     """``(A + B^-1) / 2`` of two ``(B, 3, 4)`` maps (4x4 homogeneous), in float32: ``forward``
     estimates a map, ``backward`` its inverse."""
-    return (0.5 * (_homogeneous(forward) + torch.linalg.inv(_homogeneous(backward))))[:, :3]
+    with torch.autocast(forward.device.type, enabled=False):
+        return (0.5 * (_homogeneous(forward) + torch.linalg.inv(_homogeneous(backward))))[:, :3]
 
 
 def compose_affines(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
     """The ``(B, 3, 4)`` sampling map ``p -> first(then(p))``, in float32: ``then`` registers
-    what ``first`` left, as a pull map on the image that ``first`` resampled."""
-    return (_homogeneous(first) @ _homogeneous(then))[:, :3]
+    what ``first`` left, as a pull map on the image that ``first`` resampled (autocast off: a
+    bfloat16 product keeps three digits)."""
+    with torch.autocast(first.device.type, enabled=False):
+        return (_homogeneous(first) @ _homogeneous(then))[:, :3]
 
 
 @register_model("lindef")
