@@ -12,9 +12,10 @@ float32. Losses take reduced-precision inputs in float32 (see :mod:`losses`).
   is slower than float32.
 
 bfloat16 keeps float32's exponent range, so it needs no loss scaling. float16 is available on
-request. A bfloat16 backward pass on the CPU (oneDNN) gives a non-finite weight gradient now and
-then (about one pass in 60 for a small VoxelMorph in torch 2.13, never in float32): every
-optimiser step goes through :func:`guarded_step`, which skips such a step.
+request. On the CPU, torch 2.13's bfloat16 convolution gets a garbage weight gradient when its
+input is 2 voxels deep; :class:`~napari_deepwarp.core.models.blocks.ConvBlock` runs such a
+layer in float32. As a backstop, every optimiser step (training and fine-tuning) goes through
+:func:`guarded_step`, which skips a step whose loss or gradient is not finite.
 
 What bfloat16 costs in accuracy was checked on the shipped checkpoints with
 ``python -m benchmarks.precision_mindboggle`` (figures in the README).
