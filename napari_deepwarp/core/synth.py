@@ -79,6 +79,11 @@ class SynthSettings:
     # with ``anatomy``: the probability that a batch's anatomy is the file's (else random blobs),
     # so that a network for many kinds of scan sees both
     anatomy_share: float = 1.0
+    # False: the fixed side gets no affine jitter (its smooth displacement only), so its anatomy
+    # fills the grid as the pipeline frames a fixed image on its foreground box, and the moving
+    # side carries the whole misalignment: pairs as a network's own affine branch meets them
+    # without the affine stage (LinDef ``--no-affine``)
+    fixed_affine: bool = True
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -172,10 +177,15 @@ def random_affine(s: SynthSettings, batch: int, g: torch.Generator, device) -> t
     return torch.stack(out)
 
 
-def random_deformation(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
-    """``(B, 3, D, H, W)`` pull field: a smooth displacement, then an affine jitter."""
+def random_deformation(
+    s: SynthSettings, batch: int, g: torch.Generator, device, affine: bool = True
+) -> torch.Tensor:
+    """``(B, 3, D, H, W)`` pull field: a smooth displacement, then an affine jitter (none
+    without ``affine``)."""
     smooth = _smooth_noise(batch, 3, s.field_grid, s.shape, g, device)
     smooth = smooth * (s.displacement / smooth.abs().amax().clamp_min(1e-6))
+    if not affine:
+        return smooth
     affine = spatial.affine_to_field(random_affine(s, batch, g, device), s.shape)
     return spatial.compose(smooth, affine)
 
@@ -238,7 +248,8 @@ def synthetic_pair(
     with ``field``, also ``field``: the true moving-to-fixed pull field (:func:`true_field`).
 
     Both label maps are the same random anatomy (or ``s.anatomy``'s) under two independent random
-    transforms (the same one for a still pair, with probability ``s.still``);
+    transforms (the same one for a still pair, with probability ``s.still``; the fixed side's
+    without its affine part unless ``s.fixed_affine``);
     each image has its own random contrast (or, with ``s.same_contrast`` or with probability
     ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
     given ``seed``.
@@ -256,7 +267,10 @@ def synthetic_pair(
         if s.background > 0:
             anatomy = torch.where(random_foreground(s, batch, g, device), anatomy + 1, 0)
     anatomy = anatomy.float()
-    deformations = [random_deformation(s, batch, g, device) for _ in range(2)]
+    deformations = [
+        random_deformation(s, batch, g, device, affine=side == 0 or s.fixed_affine)
+        for side in range(2)
+    ]
     still = None
     if s.still > 0:  # drawn only when asked for, so other settings keep their random stream
         still = (torch.rand(batch, generator=g, device=device) < s.still)[:, None, None, None, None]

@@ -276,3 +276,32 @@ def test_anatomy_share_mixes_file_and_blob_anatomies(tmp_path):
     counts = [synthetic_pair(s, seed=i)["fixed_labels"].unique().numel() for i in range(40)]
     from_file = sum(n <= 3 for n in counts)
     assert 10 <= from_file <= 30 and all(n <= 3 or n >= 8 for n in counts)
+
+
+def test_fixed_affine_off_frames_the_fixed_side_and_moves_only_the_moving_one(tmp_path):
+    """``fixed_affine=False``: the fixed labels are the file's anatomy on its framing grid
+    (no displacement asked for here), and the moving side carries the whole affine, which the
+    true field undoes; with it on (the default) neither side is the plain anatomy."""
+    from napari_deepwarp.core.synth import _anatomy_on_grid
+
+    path = tmp_path / "anatomy.nii.gz"
+    _write_anatomy(path)
+    on_grid = torch.from_numpy(_anatomy_on_grid(str(path), (24, 24, 24)))
+    s = SynthSettings(
+        shape=(24, 24, 24), anatomy=str(path), displacement=0.0, rotation=20, translation=3
+    )
+    framed = SynthSettings(**{**s.__dict__, "fixed_affine": False})
+    orientations = set()
+    for seed in range(6):
+        pair = synthetic_pair(framed, seed=seed, field=True)
+        fixed = pair["fixed_labels"][0, 0]
+        # the fixed side is the framed anatomy in one of its axis-aligned orientations
+        assert fixed.sum() == on_grid.sum() and fixed.unique().tolist() == [0, 1, 2]
+        orientations.add(tuple(fixed.flatten().tolist()))
+        assert not torch.equal(pair["moving_labels"], pair["fixed_labels"])
+        # ... and the true field registers the moving side onto it
+        back = spatial.warp(pair["moving_labels"].float(), pair["field"], mode="nearest")
+        assert mean_dice(back.long(), pair["fixed_labels"]) > 0.9
+        jittered = synthetic_pair(s, seed=seed)["fixed_labels"][0, 0]
+        assert not (jittered.sum() == on_grid.sum() and torch.equal(jittered.bool(), fixed.bool()))
+    assert len(orientations) > 1
