@@ -16,8 +16,8 @@ What it does:
 - Only the detector's weights train (Adam, ``--lr``), on the mean squared distance (voxels^2)
   between the field of the keypoint affine and that of the affine closest to the true field
   (the ``--affine-weight`` term of ``deepwarp train``), plus ``--point-weight`` times the mean
-  squared distance (voxels^2) of each moving point from where that affine takes its fixed
-  point (:func:`point_term`). The rest of the network is not run:
+  squared distance of each moving point from where that affine takes its fixed point,
+  relative to the spread of the points (:func:`point_term`). The rest of the network is not run:
   the paper's pooled head must still be the identity, which is checked, so the branch's
   affine is the keypoint fit alone.
 - Pairs: ``--anatomy``'s labels (:mod:`napari_deepwarp.core.synth`) with ``fixed_affine=False``,
@@ -90,11 +90,17 @@ def detector_affine(
 
 
 def point_term(target: torch.Tensor, fixed_points: torch.Tensor, moving_points: torch.Tensor):
-    """Mean squared distance (voxels^2) from each moving point to where ``target`` (the true
-    ``(B, 3, 4)`` voxel map) takes its fixed point: each point learns to move with the anatomy
-    (equivariance, as in Thewlis et al., ICCV 2017), with a gradient of its own."""
+    """Mean squared distance from each moving point to where ``target`` (the true ``(B, 3, 4)``
+    voxel map) takes its fixed point, over the mean squared spread of the fixed points: each
+    point learns to move with the anatomy (equivariance, as in Thewlis et al., ICCV 2017) with a
+    gradient of its own. Relative to the spread because the centroid of the anatomy moves with
+    it under any affine map: in absolute voxels, gathering every point there is the easy way
+    down (a first leg did so, its points within 1-2 voxels of each other, and read no rotation).
+    """
     mapped = fixed_points @ target[:, :, :3].transpose(1, 2) + target[:, None, :, 3]
-    return (moving_points - mapped).square().sum(-1).mean()
+    error = (moving_points - mapped).square().sum(-1).mean(-1)
+    spread = (fixed_points - fixed_points.mean(1, keepdim=True)).square().sum(-1).mean(-1)
+    return (error / spread.clamp_min(1e-6)).mean()
 
 
 def rotation_read(predicted: torch.Tensor, target: torch.Tensor) -> float:

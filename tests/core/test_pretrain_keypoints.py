@@ -49,7 +49,13 @@ def test_point_term_and_rotation_read(script):
     fixed = torch.rand(1, 7, 3) * 16
     moving = fixed @ rot.T + target[:, None, :, 3]
     assert float(script.point_term(target, fixed, moving)) < 1e-9
-    assert float(script.point_term(target, fixed, moving + 1.0)) == pytest.approx(3.0, rel=1e-5)
+    spread = float((fixed - fixed.mean(1, keepdim=True)).square().sum(-1).mean())
+    shifted = float(script.point_term(target, fixed, moving + 1.0))
+    assert shifted == pytest.approx(3.0 / spread, rel=1e-5)
+    # gathered points cost more than spread ones for the same error in voxels
+    gathered = fixed.mean(1, keepdim=True) + 0.01 * (fixed - fixed.mean(1, keepdim=True))
+    moved = gathered @ rot.T + target[:, None, :, 3] + 1.0
+    assert float(script.point_term(target, gathered, moved)) > 1000 * shifted
     assert script.rotation_read(target, target) == pytest.approx(1.0, abs=1e-4)
     identity = torch.eye(3, 4)[None]
     assert script.rotation_read(identity, target) == pytest.approx(0.0, abs=1e-4)
