@@ -13,14 +13,22 @@
 # The legs train at 96^3 in bfloat16 (what the issue asks of a GPU leg) and start from a shipped
 # checkpoint. Environment: MINUTES (training time, default 7), SHAPE (grid side, default 96),
 # DEVICE (default cuda; `DEVICE=cpu SHAPE=32 MINUTES=0.2` is a dry run of the script itself).
-# What the machine needs carried along: benchmarks/device_env.sh.
+# ANATOMY: the brain template's tissue map that the conv2warp and lindef legs draw brain-shaped
+# pairs from (default bench_out/mni_tissues.nii.gz; make it here with
+# `python resources/training/template_tissues.py bench_out/mni_tissues.nii.gz`, which needs
+# nilearn). What the machine needs carried along: benchmarks/device_env.sh and ANATOMY.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/device_env.sh
 leg="${1:-lindef_affine}"
 minutes="${MINUTES:-7}" n="${SHAPE:-96}" device="${DEVICE:-cuda}" out="${OUT:-bench_out/gpu_leg}"
+anatomy="${ANATOMY:-bench_out/mni_tissues.nii.gz}"
 scale() { python3 -c "print(round($1 * $n / 48, 2))"; }  # a length given at 48^3, at n^3
 whole() { python3 -c "print(max(2, round($1 * $n / 48)))"; }  # the same, a whole number
+if [ "$leg" != mi_unet_mm ] && [ ! -f "$anatomy" ]; then
+  echo "gpu_leg.sh: no tissue map at $anatomy (ANATOMY); make it with resources/training/template_tissues.py"
+  exit 2
+fi
 if [ "$device" = cuda ]; then
   python3 -c "import SimpleITK, torch; assert torch.cuda.is_available(), 'no CUDA GPU'" \
     || { echo "gpu_leg.sh: SimpleITK or a CUDA GPU is missing (see benchmarks/device_env.sh)"; exit 2; }
@@ -36,8 +44,10 @@ case "$leg" in
       --config affine_iterations=2 --contrast same --similarity lncc --reg-weight 1
       --labels-weight 1 --field-weight 0.2 --lr 1e-4 --synth rotation=20
       --synth "translation=$(scale 8)" --synth scaling=0.1 --synth shear=0.03
-      --synth "displacement=$(scale 2.25)" --synth still=0.1) ;;
-  mi_unet_mm)  # two modalities: independent label-wise contrasts (30 % shared), MI + soft Dice
+      --synth "displacement=$(scale 2.25)" --synth still=0.1 --synth "anatomy=$anatomy"
+      --synth anatomy_parts=4) ;;
+  mi_unet_mm)  # two modalities: independent label-wise contrasts (30 % shared), MI + soft Dice;
+    # on blobs, since brain-shaped pairs of two contrasts made it bold on T1/T2 brains
     args=(--model mi_unet --init resources/checkpoints/mi_unet_synth_bg.pt --contrast independent
       --labels-weight 4 --lr 1e-4 --synth rotation=2 --synth "translation=$(scale 1)"
       --synth scaling=0.02 --synth shear=0.01 --synth "displacement=$(scale 2.25)"
@@ -46,7 +56,8 @@ case "$leg" in
     args=(--model conv2warp --init resources/checkpoints/conv2warp_brain.pt --contrast same
       --similarity lncc --reg-weight 1 --labels-weight 1 --field-weight 0.1 --lr 1e-4
       --synth rotation=2 --synth "translation=$(scale 1)" --synth scaling=0.02
-      --synth shear=0.01 --synth "displacement=$(scale 2.25)" --synth still=0.1) ;;
+      --synth shear=0.01 --synth "displacement=$(scale 2.25)" --synth still=0.1
+      --synth "anatomy=$anatomy" --synth anatomy_parts=4) ;;
   *) echo "gpu_leg.sh: unknown leg '$leg'; use lindef_affine, mi_unet_mm or conv2warp"; exit 2 ;;
 esac
 mkdir -p "$out"

@@ -85,7 +85,7 @@ def detector_affine(
     shape = tuple(fixed.shape[2:])
     q, p = model.keypoints(fixed), model.keypoints(moving)
     fitted = affine_from_keypoints(q, p, float(model.config.keypoint_ridge))
-    scale = torch.tensor([(n - 1) / 2 for n in shape])
+    scale = torch.tensor([(n - 1) / 2 for n in shape], device=fixed.device)
     return normalized_to_voxel_affine(fitted, shape), (q + 1) * scale, (p + 1) * scale
 
 
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -149,12 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         overrides[key] = json.loads(value)
     torch.manual_seed(args.seed)  # the detector's initial weights
     model, parent_card = build(args.init, overrides)
+    device = torch.device(args.device)
+    model.to(device)
     optimiser = torch.optim.Adam(model.keypoints.parameters(), lr=args.lr)
     state_path = args.output.with_suffix(".state.pt")
     log_path = args.output.with_suffix(".log.jsonl")
     step, elapsed = 0, 0.0
     if args.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
         model.keypoints.load_state_dict(state["detector"])
         optimiser.load_state_dict(state["optimiser"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.scaling}); only the keypoint detector trained, on the true affine",
             "steps": step,
             "command": command,
-            "hardware": hardware(torch.device("cpu")),
+            "hardware": hardware(device),
             "duration_s": round(elapsed, 1),
         }
         card = {k: v for k, v in parent_card.items() if k not in ("architecture", "config")}
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     start, window = time.perf_counter() - elapsed, []
     while step < args.steps and time.perf_counter() - start < 60 * args.minutes:
-        pair = synthetic_pair(synth, seed=args.seed * 1_000_003 + step, field=True)
+        pair = synthetic_pair(synth, 1, args.seed * 1_000_003 + step, device, field=True)
         target = spatial.fit_affine(pair["field"]).float()
         predicted, fixed_points, moving_points = detector_affine(
             model, pair["moving"], pair["fixed"]
