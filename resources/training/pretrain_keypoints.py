@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--point-weight", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=10**9)
-    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument(
+        "--minutes", type=float, default=60.0, help="training time, resumed runs included"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0)
@@ -188,9 +190,17 @@ def main(argv: list[str] | None = None) -> None:
             "hardware": hardware(device),
             "duration_s": round(elapsed, 1),
         }
-        card = {k: v for k, v in parent_card.items() if k not in ("architecture", "config")}
-        card = make_card(model, **{**card, "training": training, "metrics": {}})
-        card["parent"] = parent_reference(args.init)
+        kept = ("working_shape", "working_spacing_mm", "intensity_preset", "modality", "loss")
+        card = make_card(
+            model,
+            **{k: parent_card[k] for k in kept if k in parent_card},
+            training=training,
+            parent=parent_reference(args.init),
+            name=args.output.stem,
+            description=f"lindef with its affine branch fitted to keypoints, the detector "
+            f"trained alone on the true affine of framed brain-shaped synthetic pairs; the rest "
+            f"is {parent_card.get('name') or args.init.name}'s",
+        )
         save_checkpoint(args.output, model, card)
         torch.save(
             {

@@ -80,7 +80,8 @@ def test_detector_trains_alone_from_the_parent_and_resumes(script, parent_and_an
     model, card = load_checkpoint(out)
     assert card["config"]["affine_pooling"] == "keypoints" and card["config"]["use_affine"]
     assert card["config"]["affine_iterations"] == 2 and card["training"]["steps"] == 4
-    assert card["parent"]["sha256"]
+    assert card["parent"]["sha256"] and card["name"] == "kp" and "keypoints" in card["description"]
+    assert card["metrics"] == {}  # the parent's figures do not describe this network
     parent, _ = load_checkpoint(parent_path)
     detector = {k: v for k, v in model.state_dict().items() if k.startswith("keypoints.")}
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith("keypoints.")}
