@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         model.keypoints.load_state_dict(state["detector"])
         optimiser.load_state_dict(state["optimiser"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
+        if log_path.exists():  # lines past the saved step were logged by a run that was stopped
+            lines = log_path.read_text().splitlines(keepends=True)
+            log_path.write_text("".join(ln for ln in lines if json.loads(ln)["step"] <= step))
     elif log_path.exists():
         log_path.unlink()
     synth = SynthSettings(

@@ -95,7 +95,10 @@ def test_detector_trains_alone_from_the_parent_and_resumes(script, parent_and_an
     assert [line["step"] for line in lines] == [2, 4]
     assert all(math.isfinite(line["affine_loss"] + line["point_loss"]) for line in lines)
 
-    # resuming runs on from step 4 to step 6, as one run would have
+    # resuming runs on from step 4 to step 6, as one run would have; a line that a stopped
+    # run logged past its last save is dropped
+    with out.with_suffix(".log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 5, "affine_loss": 0.0}) + "\n")
     script.main([*common, "--steps", "6", "--resume"])
     one_run = tmp_path / "one.pt"
     script.main([*[a if a != str(out) else str(one_run) for a in common], "--steps", "6"])
