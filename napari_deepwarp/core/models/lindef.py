@@ -107,7 +107,10 @@ What this implementation does, and where it chooses (section numbers are the pap
   composed after the earlier ones: ``warped(p) = moving(A_1(...A_k(G(p))))``, the paper's
   deformable-then-linear order. The head regresses a large misalignment coarsely and a small
   one well, as recursive cascades use one network (Zhao et al., ICCV 2019). ``k`` encoder
-  passes (twice that when symmetric).
+  passes (twice that when symmetric). A branch trained on one pass may not survive more: a
+  keypoint detector trained so drifted on real brains, each pass re-reading a moving image
+  resampled partly outside the grid (Dice 0.30 after one pass, 0.01 after four; the training
+  record's eighth session).
 * Composition (Sec. 2.1, Eq. 3: the deformable part is applied first, then the linear part): as
   positions the sampling grid is ``p -> A(G(p))`` -- first the integrated deformable grid, then
   the affine -- exactly as the authors' code multiplies the integrated grid by the matrix. The
