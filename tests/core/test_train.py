@@ -106,7 +106,7 @@ def _losses(path):
 def test_bfloat16_training_learns_like_float32_and_is_recorded(tmp_path, one_thread):
     """Forward passes in bfloat16: the weights stay float32, the first loss matches float32's
     closely (but not exactly), and the loss falls as it does in float32. On a 16^3 grid: a CPU
-    without native bfloat16 (AVX2 only) emulates it, 30 to 300 times slower than float32 per
+    without native bfloat16 (AVX2 only) emulates it, 20 to 300 times slower than float32 per
     convolution, and at 32^3 this test ran past its 10-minute timeout on one."""
     runs = {}
     for name in ("float32", "bfloat16"):
