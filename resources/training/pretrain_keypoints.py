@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from napari_deepwarp.cli import _config_overrides
 from napari_deepwarp.core import spatial
 from napari_deepwarp.core.checkpoint import (
     hardware,
@@ -146,10 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.config:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = _config_overrides(args.config)  # as deepwarp train --config reads them
     torch.manual_seed(args.seed)  # the detector's initial weights
     model, parent_card = build(args.init, overrides)
     device = torch.device(args.device)
