@@ -117,8 +117,14 @@ def test_nan_constant_mismatch_and_no_overlap_are_refused():
     vol = make_volume()
     nan = vol.with_array(vol.array.copy())
     nan.array[0, 0, 0] = np.nan
-    with pytest.raises(io.InputError, match="NaN"):
+    with pytest.raises(io.InputError, match="1 NaN/Inf voxels"):
         io.check_image(nan, "moving")
+    for bad in (np.inf, -np.inf):  # found from the extremes alone: each sign, anywhere
+        inf = vol.with_array(vol.array.copy())
+        inf.array[-1, 2, 1] = bad
+        inf.array[0, 1, 0] = np.nan
+        with pytest.raises(io.InputError, match="2 NaN/Inf voxels"):
+            io.check_image(inf, "moving")
     with pytest.raises(io.InputError, match="constant"):
         io.check_image(vol.with_array(np.ones(vol.shape, np.float32)), "fixed")
     labels = Volume(np.zeros(vol.shape, np.int32), (1.0, 1.0, 1.0))
