@@ -76,6 +76,11 @@ class SynthSettings:
     # with ``anatomy``: each of its labels is cut into up to this many random parts, so that a
     # few tissue classes also show contrast within them, as parcels or nuclei do
     anatomy_parts: int = 1
+    # with ``anatomy`` and ``anatomy_parts`` > 1: True cuts each side into parts by a random
+    # map of its own, so that the contrast within a tissue differs between the sides as between
+    # two subjects (no part boundary is in both); the label maps returned are then the tissue
+    # classes, which both sides share. False (default) cuts the anatomy once, before warping
+    parts_per_side: bool = False
     # with ``anatomy``: the probability that a batch's anatomy is the file's (else random blobs),
     # so that a network for many kinds of scan sees both
     anatomy_share: float = 1.0
@@ -136,8 +141,14 @@ def file_anatomy(s: SynthSettings, batch: int, g: torch.Generator, device) -> to
     labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)]).to(device)
     if s.anatomy_parts <= 1:
         return labels
+    return cut_into_parts(labels, s, g)
+
+
+def cut_into_parts(labels: torch.Tensor, s: SynthSettings, g: torch.Generator) -> torch.Tensor:
+    """``labels`` ``(B, 1, D, H, W)`` with each label but 0 cut into up to ``s.anatomy_parts``
+    parts by one random label map: label ``l`` becomes ``(l - 1) * k + part + 1``."""
     k = s.anatomy_parts
-    parts = random_label_map(replace(s, labels=(k, k)), batch, g, device)
+    parts = random_label_map(replace(s, labels=(k, k)), len(labels), g, labels.device)
     return torch.where(labels > 0, (labels - 1) * k + parts + 1, 0)
 
 
@@ -249,7 +260,8 @@ def synthetic_pair(
 
     Both label maps are the same random anatomy (or ``s.anatomy``'s) under two independent random
     transforms (the same one for a still pair, with probability ``s.still``; the fixed side's
-    without its affine part unless ``s.fixed_affine``);
+    without its affine part unless ``s.fixed_affine``; with ``s.parts_per_side``, each side's
+    image cut into parts of its own, the label maps the uncut tissue classes);
     each image has its own random contrast (or, with ``s.same_contrast`` or with probability
     ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
     given ``seed``.
@@ -260,8 +272,9 @@ def synthetic_pair(
     from_file = bool(s.anatomy)
     if from_file and s.anatomy_share < 1:  # drawn only when asked for, as ``still`` is
         from_file = float(torch.rand(1, generator=g, device=device)) < s.anatomy_share
+    per_side = from_file and s.parts_per_side and s.anatomy_parts > 1
     if from_file:
-        anatomy = file_anatomy(s, batch, g, device)
+        anatomy = file_anatomy(replace(s, anatomy_parts=1) if per_side else s, batch, g, device)
     else:
         anatomy = random_label_map(s, batch, g, device)
         if s.background > 0:
@@ -276,16 +289,17 @@ def synthetic_pair(
         still = (torch.rand(batch, generator=g, device=device) < s.still)[:, None, None, None, None]
         deformations[0] = torch.where(still, deformations[1], deformations[0])
     labels = [spatial.warp(anatomy, d, mode="nearest").long() for d in deformations]
+    shown = [cut_into_parts(lab, s, g) for lab in labels] if per_side else labels
     shared = None
     same = s.same_contrast
     if not same and s.same > 0:  # drawn only when asked for, as ``still`` is
         same = float(torch.rand(1, generator=g, device=device)) < s.same
     if same:
-        n = int(anatomy.max()) + 1
+        n = int(anatomy.max()) * (s.anatomy_parts if per_side else 1) + 1
         shared = [_intensities(n, s, g, device) for _ in range(batch)]
     pair = {
-        "moving": labels_to_image(labels[0], s, g, shared),
-        "fixed": labels_to_image(labels[1], s, g, shared),
+        "moving": labels_to_image(shown[0], s, g, shared),
+        "fixed": labels_to_image(shown[1], s, g, shared),
         "moving_labels": labels[0],
         "fixed_labels": labels[1],
     }

@@ -312,3 +312,39 @@ def test_fixed_affine_off_frames_the_fixed_side_and_moves_only_the_moving_one(tm
         jittered = synthetic_pair(s, seed=seed)["fixed_labels"][0, 0]
         assert not any(torch.equal(jittered, o) for o in all_orientations)
     assert len(orientations) > 1
+
+
+def test_parts_per_side_cuts_each_side_its_own_way_and_returns_the_tissues(tmp_path):
+    """``parts_per_side``: a pair with no motion and one contrast still differs inside each
+    tissue (each side has its own parts), while its label maps are the uncut tissues, equal on
+    both sides; cutting once (the default) gives two identical images. With one part the
+    setting changes nothing."""
+    path = tmp_path / "anatomy.nii.gz"
+    _write_anatomy(path)
+    s = SynthSettings(
+        shape=(24, 24, 24),
+        anatomy=str(path),
+        anatomy_parts=4,
+        same_contrast=True,
+        still=1.0,
+        bias=0.0,
+        blur=(0.0, 0.0),
+        noise=(0.0, 0.0),
+        gamma=0.0,
+    )
+    per_side = SynthSettings(**{**s.__dict__, "parts_per_side": True})
+    for seed in range(3):
+        once, twice = synthetic_pair(s, seed=seed), synthetic_pair(per_side, seed=seed)
+        assert torch.equal(once["moving"], once["fixed"])
+        assert once["fixed_labels"].unique().numel() > 3  # parts: more than 0, 5 and 9
+        assert torch.equal(twice["moving_labels"], twice["fixed_labels"])
+        assert twice["fixed_labels"].unique().tolist() == [0, 1, 2]
+        differs = twice["moving"] != twice["fixed"]
+        assert differs[twice["fixed_labels"] == 1].float().mean() > 0.2
+        assert not differs[twice["fixed_labels"] == 0].any()
+        for side in ("moving", "fixed"):  # several intensities inside one tissue
+            assert twice[side][twice["fixed_labels"] == 2].unique().numel() > 1
+    one = SynthSettings(**{**s.__dict__, "anatomy_parts": 1})
+    one_per_side = SynthSettings(**{**one.__dict__, "parts_per_side": True})
+    for key, value in synthetic_pair(one, seed=5).items():
+        assert torch.equal(value, synthetic_pair(one_per_side, seed=5)[key]), key
