@@ -24,7 +24,8 @@ What it does:
   so the fixed side fills the grid as the pipeline frames a fixed image and the moving side
   carries the whole misalignment (``--rotation`` degrees, ``--translation`` voxels,
   ``--scaling``, ``--shear``), as a pair meets the branch under ``deepwarp register
-  --no-affine``. Pair ``i`` comes from seed ``seed * 1_000_003 + i``, so a resumed run draws the
+  --no-affine``; with ``--parts-per-side``, each side's tissues are cut into parts of its own,
+  so that no part boundary is in both images. Pair ``i`` comes from seed ``seed * 1_000_003 + i``, so a resumed run draws the
   pairs it would have drawn.
 
 Writes ``-o`` (the checkpoint, with a card that records this command), ``-o`` with
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shear", type=float, default=0.03)
     parser.add_argument("--displacement", type=float, default=2.0)
     parser.add_argument("--anatomy-parts", type=int, default=4)
+    parser.add_argument(
+        "--parts-per-side",
+        action="store_true",
+        help="cut each side into parts of its own (SynthSettings.parts_per_side), so that "
+        "the two sides differ inside each tissue as two subjects do",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--point-weight", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=10**9)
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         shape=(args.shape,) * 3,
         anatomy=str(args.anatomy),
         anatomy_parts=args.anatomy_parts,
+        parts_per_side=args.parts_per_side,
         background=0.9,
         same_contrast=True,
         rotation=args.rotation,
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         training = {
             "data": f"synthetic pairs from {args.anatomy.name}, fixed side framed "
             f"(rotation {args.rotation} deg, translation {args.translation} voxels, scaling "
-            f"{args.scaling}); only the keypoint detector trained, on the true affine",
+            f"{args.scaling}{', parts cut per side' if args.parts_per_side else ''}); "
+            "only the keypoint detector trained, on the true affine",
             "steps": step,
             "command": command,
             "hardware": hardware(device),
