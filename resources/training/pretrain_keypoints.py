@@ -25,8 +25,8 @@ What it does:
   carries the whole misalignment (``--rotation`` degrees, ``--translation`` voxels,
   ``--scaling``, ``--shear``), as a pair meets the branch under ``deepwarp register
   --no-affine``; with ``--parts-per-side``, each side's tissues are cut into parts of its own,
-  so that no part boundary is in both images. Pair ``i`` comes from seed ``seed * 1_000_003 + i``, so a resumed run draws the
-  pairs it would have drawn.
+  so that no part boundary is in both images. Pair ``i`` comes from seed
+  ``seed * 1_000_003 + i``, so a resumed run draws the pairs it would have drawn.
 
 Writes ``-o`` (the checkpoint, with a card that records this command), ``-o`` with
 ``.state.pt`` (weights, Adam state and step, for ``--resume``) and ``.log.jsonl`` (both terms,
