@@ -74,7 +74,7 @@ def test_detector_trains_alone_from_the_parent_and_resumes(script, parent_and_an
         "--init", str(parent_path), "--anatomy", str(anatomy), "-o", str(out),
         "--shape", "12", "--config", "keypoints=6", "keypoint_channels=[4]",
         "keypoint_dilations=[1]", "affine_iterations=2", "--point-weight", "1",
-        "--log-every", "2", "--save-every", "2", "--lr", "1e-2",
+        "--log-every", "2", "--save-every", "2", "--lr", "1e-2", "--parts-per-side",
     ]  # fmt: skip
     script.main([*common, "--steps", "4"])
     model, card = load_checkpoint(out)
@@ -82,6 +82,7 @@ def test_detector_trains_alone_from_the_parent_and_resumes(script, parent_and_an
     assert card["config"]["affine_iterations"] == 2 and card["training"]["steps"] == 4
     assert card["parent"]["sha256"] and card["name"] == "kp" and "keypoints" in card["description"]
     assert card["metrics"] == {}  # the parent's figures do not describe this network
+    assert "parts cut per side" in card["training"]["data"]
     parent, _ = load_checkpoint(parent_path)
     detector = {k: v for k, v in model.state_dict().items() if k.startswith("keypoints.")}
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith("keypoints.")}
