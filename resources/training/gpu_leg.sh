@@ -10,11 +10,13 @@
 #   python -m benchmarks.checkpoints_mindboggle --pairs 1:2,3:4,5:1 --refine-pairs '' \
 #     --finetune-pairs '' --finetune-steps '' --checkpoints LEG.pt
 #
-# The legs train at 96^3 in bfloat16 (what the issue asks of a GPU leg) and start from a shipped
-# checkpoint. lindef_keypoints trains LinDef's keypoint detector alone, in float32, with
-# resources/training/pretrain_keypoints.py (the current plan for LinDef's own affine branch; see
-# the training record); SHAPE=32 trains it on LinDef's working grid instead, and its
-# --no-affine figures come from `python -m benchmarks.own_affine_mindboggle --checkpoints LEG.pt`. Environment: MINUTES (training time, default 7), SHAPE (grid side, default 96),
+# The legs train at 96^3 (what the issue asks of a GPU leg) and start from a shipped checkpoint;
+# all but lindef_keypoints in bfloat16. lindef_keypoints trains LinDef's keypoint detector alone,
+# in float32, with resources/training/pretrain_keypoints.py (the current plan for LinDef's own
+# affine branch; see the training record): SHAPE=32 trains it on LinDef's working grid instead,
+# and its --no-affine figures come from
+# `python -m benchmarks.own_affine_mindboggle --pairs 2:3,4:5 --checkpoints LEG.pt`.
+# Environment: MINUTES (training time, default 7), SHAPE (grid side, default 96),
 # DEVICE (default cuda; `DEVICE=cpu SHAPE=32 MINUTES=0.2` is a dry run of the script itself).
 # ANATOMY: the brain template's tissue map that the conv2warp and lindef legs draw brain-shaped
 # pairs from (default bench_out/mni_tissues.nii.gz; make it here with
