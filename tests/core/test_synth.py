@@ -1,6 +1,7 @@
 """Synthetic training pairs: shapes, ranges, randomness under control, the same anatomy."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -332,7 +333,7 @@ def test_parts_per_side_cuts_each_side_its_own_way_and_returns_the_tissues(tmp_p
         noise=(0.0, 0.0),
         gamma=0.0,
     )
-    per_side = SynthSettings(**{**s.__dict__, "parts_per_side": True})
+    per_side = replace(s, parts_per_side=True)
     for seed in range(3):
         once, twice = synthetic_pair(s, seed=seed), synthetic_pair(per_side, seed=seed)
         assert torch.equal(once["moving"], once["fixed"])
@@ -344,7 +345,7 @@ def test_parts_per_side_cuts_each_side_its_own_way_and_returns_the_tissues(tmp_p
         assert not differs[twice["fixed_labels"] == 0].any()
         for side in ("moving", "fixed"):  # several intensities inside one tissue
             assert twice[side][twice["fixed_labels"] == 2].unique().numel() > 1
-    one = SynthSettings(**{**s.__dict__, "anatomy_parts": 1})
-    one_per_side = SynthSettings(**{**one.__dict__, "parts_per_side": True})
+    one = replace(s, anatomy_parts=1)
+    one_per_side = replace(one, parts_per_side=True)
     for key, value in synthetic_pair(one, seed=5).items():
         assert torch.equal(value, synthetic_pair(one_per_side, seed=5)[key]), key
