@@ -888,8 +888,9 @@ def _verdict(run: _Run, full: FullResolution, metrics: dict, deformable: bool) -
     dice_base = metrics.get("mean_dice_affine" if has_affine else "mean_dice_before")
     dice_result = metrics.get("mean_dice_after")
     word, reason = V.judge(
-        name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result
-    )
+        name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result,
+        metrics["folding_percent"],
+    )  # fmt: skip
     p1, p99 = M.jacobian_percentiles(full.jacobian[s, s, s], check.mask)
     modality = asdict(check.modality)
     return V.Verdict(

@@ -87,6 +87,18 @@ def test_the_word_and_its_reason(baseline, result, dice, word):
     assert ("mean Dice" in reason) == (dice is not None)
 
 
+@pytest.mark.parametrize("dice", [None, (0.50, 0.60)])
+def test_a_field_that_folds_past_the_limit_is_worse_whatever_the_similarity_says(dice):
+    limit = V.FOLDING_LIMIT
+    args = ("mi", 0.1, 0.231, 0.277, "affine", "fine-tuning", *(dice or ()))
+    assert V.judge(*args, folding_percent=limit)[0] == "improved"  # at the limit: allowed
+    word, reason = V.judge(*args, folding_percent=1.445)
+    assert word == "worse than affine"
+    assert "folds 1.45 % of the volume" in reason and f"limit {limit} %" in reason
+    assert "mutual information 0.277" in reason and "0.231" in reason  # still reported
+    assert ("mean Dice 0.600" in reason) == (dice is not None)
+
+
 class Scrambler(RegistrationModel):
     """A 'network' that predicts a large smooth wave: it makes any pair worse."""
 
