@@ -13,7 +13,8 @@ must never make a registration worse than the affine stage would. Shipped checkp
 benchmark also measured (in ``--out``, not in ``--trained``) compete for the default, so one new
 checkpoint can be shipped alone; only their default flag is rewritten. A checkpoint measured again
 loses its earlier Mindboggle figures. The training command, hardware and duration in the card
-are left as training wrote them.
+are left as training wrote them; its config is written as the model now loads it (a card written
+before its architecture gained a config field lacks that field, and loads with its default).
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def main() -> None:
     for path in others:  # only their default flag follows this run; their figures stay
         model, card = load_checkpoint(path)
         if bool(card.get("default")) != (path == best):
-            save_checkpoint(path, model, {**card, "default": path == best})
+            save_checkpoint(
+                path, model, {**card, "config": model.config_dict(), "default": path == best}
+            )
             print(f"{path}: default={path == best} (measured in this run, not re-shipped)")
     for path in trained:
         model, card = load_checkpoint(path)
@@ -107,7 +110,7 @@ def main() -> None:
                 steps = variant.split()[1]
                 metrics[f"mindboggle_mean_dice_finetune{steps}"] = round(r["dice"], 4)
                 metrics[f"mindboggle_seconds_finetune{steps}"] = round(r["wall_s"], 1)
-        card = {**card, "metrics": metrics, "default": path == best}
+        card = {**card, "config": model.config_dict(), "metrics": metrics, "default": path == best}
         if path.stem in sizes:
             card["inference_size"] = sizes[path.stem]
         save_checkpoint(out / path.name, model, card)

@@ -61,6 +61,25 @@ def test_one_new_checkpoint_cannot_take_the_default_from_a_better_shipped_one(
     assert read_card(shipped / "best.pt")["default"] is False
 
 
+def test_a_card_written_before_a_config_field_existed_is_shipped_with_the_full_config(
+    ship, tmp_path, monkeypatch
+):
+    """A card written before its architecture gained a config field loads with that field's
+    default; re-shipping it writes the config the model now has, instead of refusing."""
+    import torch
+
+    trained = tmp_path / "trained"
+    _checkpoint(trained / "old.pt")
+    payload = torch.load(trained / "old.pt", weights_only=False)
+    del payload["card"]["config"]["similarity_window"]  # a field added after it was trained
+    torch.save(payload, trained / "old.pt")
+    _benchmark(tmp_path / "b.json", {"old.pt": 0.50})
+    _ship(ship, monkeypatch, trained, tmp_path / "shipped", tmp_path / "b.json")
+    card = read_card(tmp_path / "shipped" / "old.pt")
+    assert card["config"]["similarity_window"] == 9 and card["config"]["enc_channels"] == [4, 4]
+    assert card["metrics"]["mindboggle_mean_dice"] == 0.5
+
+
 def test_no_default_below_the_affine_stage(ship, tmp_path, monkeypatch):
     _checkpoint(tmp_path / "trained" / "weak.pt")
     _benchmark(tmp_path / "b.json", {"weak.pt": 0.421})
