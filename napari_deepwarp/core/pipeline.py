@@ -887,10 +887,10 @@ def _verdict(run: _Run, full: FullResolution, metrics: dict, deformable: bool) -
     stage = run.stage if deformable else "the affine stage"
     dice_base = metrics.get("mean_dice_affine" if has_affine else "mean_dice_before")
     dice_result = metrics.get("mean_dice_after")
+    folding = metrics["folding_percent"]
     word, reason = V.judge(
-        name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result,
-        metrics["folding_percent"],
-    )  # fmt: skip
+        name, check.before, baseline, result, baseline_name, stage, dice_base, dice_result, folding
+    )
     p1, p99 = M.jacobian_percentiles(full.jacobian[s, s, s], check.mask)
     modality = asdict(check.modality)
     return V.Verdict(

@@ -168,6 +168,36 @@ def test_a_network_that_helps_is_kept():
     assert v["jacobian_p1"] <= 1.0 <= v["jacobian_p99"]
 
 
+class BackgroundFolder(RegistrationModel):
+    """A 'network' that leaves the anatomy where it is and tears a corner of the background."""
+
+    name = "background_folder"
+
+    def predict(self, moving, fixed):
+        d, h, w = moving.shape[2:]
+        field = torch.zeros(1, 3, d, h, w)
+        corner = tuple(slice(0, n // 3) for n in (d, h, w))
+        generator = torch.Generator().manual_seed(0)
+        field[(slice(None), slice(None), *corner)] = 4.0 * torch.randn(
+            1, 3, *(n // 3 for n in (d, h, w)), generator=generator
+        )
+        return RegistrationOutput(displacement=field)
+
+
+def test_the_pipeline_judges_a_folded_field_worse_where_the_similarity_is_unchanged():
+    image = labelled_blobs()[1]
+    fixed, moving = Volume.on_grid(image, GRID, "fixed"), Volume.on_grid(image, GRID, "moving")
+    settings = RegistrationSettings(model="voxelmorph", device="cpu", max_size=32, affine=False)
+    settings.if_worse = "keep"
+    result = run_generator(register(fixed, moving, settings, BackgroundFolder()))[1]
+    v = result.metrics["verdict"]
+    similarity = (v["similarity"], v["similarity_before"], v["similarity_baseline"])
+    unfolded = V.judge(*similarity, v["similarity_result"], "unregistered")[0]
+    assert unfolded == "no better than unregistered"  # the similarity alone: within tolerance
+    assert v["folding_percent"] > V.FOLDING_LIMIT
+    assert v["word"] == "worse than unregistered" and "tissue does not fold" in v["reason"]
+
+
 @pytest.mark.parametrize(("contrast", "kind", "architecture"), [("same", "mono", "cfwn"),
                                                                ("t2", "multi", "mi_unet")])  # fmt: skip
 def test_auto_picks_the_shipped_checkpoint_for_the_pairs_modality(contrast, kind, architecture):
