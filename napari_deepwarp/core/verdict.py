@@ -52,8 +52,8 @@ DICE_MARGIN = 0.01
 #: % of the volume folded (Jacobian determinant <= 0) above which a result is worse, whatever
 #: the similarity or Dice: the bound every shipped checkpoint must meet. Measured: the shipped
 #: networks fold at most 0.13 % on the Mindboggle pairs, fine-tuning 200 steps at most 0.26 %,
-#: refinement 0.03 %; fine-tuning with mutual information on the spine and prostate pairs of two
-#: modalities 1.3-1.4 % and 1.6 %, while it wrecked the cord and the gland
+#: refinement (--refine 150) 0.07 %; fine-tuning with mutual information on the spine and
+#: prostate pairs of two modalities 1.3-1.4 % and 1.6 %, while it wrecked the cord and the gland
 FOLDING_LIMIT = 0.5
 
 SIMILARITY_NAMES = {"lncc": "local NCC", "mi": "mutual information"}

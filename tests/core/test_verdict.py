@@ -174,13 +174,10 @@ class BackgroundFolder(RegistrationModel):
     name = "background_folder"
 
     def predict(self, moving, fixed):
-        d, h, w = moving.shape[2:]
-        field = torch.zeros(1, 3, d, h, w)
-        corner = tuple(slice(0, n // 3) for n in (d, h, w))
+        d, h, w = (n // 3 for n in moving.shape[2:])
+        field = torch.zeros(1, 3, *moving.shape[2:])
         generator = torch.Generator().manual_seed(0)
-        field[(slice(None), slice(None), *corner)] = 4.0 * torch.randn(
-            1, 3, *(n // 3 for n in (d, h, w)), generator=generator
-        )
+        field[:, :, :d, :h, :w] = 4.0 * torch.randn(1, 3, d, h, w, generator=generator)
         return RegistrationOutput(displacement=field)
 
 
