@@ -132,7 +132,9 @@ to_moving = moving.grid.world_to_index_matrix() @ fixed.grid.index_to_world_matr
 floors["one trilinear pass over the fixed grid"] = best(
     lambda: sample_at(image, None, to_moving, "linear", "itk", shape=fixed.shape))
 model, card = load_checkpoint(default_checkpoint())
-grid = working_grid(fixed, None, working_size(card), model.size_multiple)
+grid = working_grid(
+    fixed, None, working_size(card), model.size_multiple, axes=model.working_axes
+)
 x = torch.rand(1, 1, *grid.shape)
 dtype = resolve_precision("auto", torch.device("cpu"))
 def forward():

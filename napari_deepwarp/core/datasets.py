@@ -143,7 +143,9 @@ class VolumeSource:
     """Real volumes from a folder or a CSV (see :func:`scan_folder`, :func:`read_pairs_csv`).
 
     Without listed pairs, every step draws random ordered pairs of different volumes.
-    ``cache``: folder for the preprocessed pairs. ``affine``: run the affine stage.
+    ``cache``: folder for the preprocessed pairs. ``affine``: run the affine stage. ``axes``:
+    how the training grid lies (:data:`~napari_deepwarp.core.preprocess.WORKING_AXES`), as the
+    network's working grid will.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class VolumeSource:
         affine: bool = True,
         modality: str = "auto",
         affine_settings: AffineSettings | None = None,
+        axes: str = "image",
     ):
         path = Path(path)
         if path.is_dir():
@@ -173,6 +176,7 @@ class VolumeSource:
             raise InputError(f"{path}: found {len(self.entries)} volume(s); training needs two")
         self.shape, self.seed, self.affine, self.modality = tuple(shape), seed, affine, modality
         self.affine_settings = affine_settings or AffineSettings()
+        self.axes = axes
         self.cache = Path(cache)
         self.description = f"{len(self.entries)} volumes from {path}"
 
@@ -203,6 +207,8 @@ class VolumeSource:
         stamp = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         settings = [CACHE_VERSION, list(self.shape), self.affine, self.modality]
         settings.append(repr(self.affine_settings))
+        if self.axes != "image":  # keys of image-axes pairs stay those already cached
+            settings.append(self.axes)
         return hashlib.sha256(json.dumps([stamp, settings]).encode()).hexdigest()[:24]
 
     def prepared(self, fixed_index: int, moving_index: int) -> dict[str, np.ndarray]:
@@ -213,7 +219,7 @@ class VolumeSource:
             with np.load(path) as data:
                 return {k: data[k] for k in data.files}
         arrays = preprocess_pair(
-            fixed, moving, self.shape, self.affine, self.modality, self.affine_settings
+            fixed, moving, self.shape, self.affine, self.modality, self.affine_settings, self.axes
         )
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -229,11 +235,13 @@ def preprocess_pair(
     affine: bool = True,
     modality: str = "auto",
     affine_settings: AffineSettings | None = None,
+    axes: str = "image",
 ) -> dict[str, np.ndarray]:
     """``fixed``/``moving`` float32 in [0, 1] and, where given, label maps (int64), on the
-    training grid of the fixed volume, the moving side through the affine stage."""
+    training grid of the fixed volume (along ``axes``), the moving side through the affine
+    stage."""
     f, m = read_volume(fixed.image), read_volume(moving.image)
-    grid = training_grid(f, shape)
+    grid = training_grid(f, shape, axes)
     transform = run_affine(f, m, affine_settings).transform if affine else None
     preset = IntensityPreset(modality)
     out = {
@@ -255,17 +263,19 @@ def validation_pairs(
     cache: str | Path,
     synth: SynthSettings | None = None,
     count: int = 4,
+    axes: str = "image",
 ) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Labelled validation pairs on the training grid, and what they are, in words.
 
     ``spec``: a CSV of listed labelled pairs or a folder of labelled volumes (``count`` pairs
     taken in order), or None for ``count`` fixed synthetic pairs (seeds not used in training).
+    ``axes``: how the grid of real pairs lies (see :class:`VolumeSource`).
     """
     if spec is None:
         s = synth or SynthSettings(shape=shape)
         pairs = [synthetic_pair(s, 1, _seed(-1, i), "cpu") for i in range(count)]
         return pairs, f"{count} synthetic labelled pairs"
-    source = VolumeSource(spec, shape, cache)
+    source = VolumeSource(spec, shape, cache, axes=axes)
     if not source.labelled:
         raise InputError(f"{spec}: validation needs a label map for every volume")
     indices = source.pairs or [(i, (i + 1) % len(source.entries)) for i in range(count)]

@@ -653,7 +653,12 @@ def _network_stage(run: _Run, model: RegistrationModel | None) -> Generator:
     yield Progress(0, 1, "predicting the deformation", stage="predict")
     max_size = settings.max_size or 96
     grid = working_grid(
-        fixed, settings.working_spacing, max_size, model.size_multiple, model=settings.model
+        fixed,
+        settings.working_spacing,
+        max_size,
+        model.size_multiple,
+        model=settings.model,
+        axes=model.working_axes,
     )
     fixed_w = network_input(fixed, grid, run.fixed_window)
     moving_w = network_input(moving, grid, run.moving_window, run.affine)

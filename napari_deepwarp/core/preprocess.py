@@ -8,8 +8,9 @@ aliased image unlike the smooth training pairs: on a Mindboggle pair it cost eve
 0.003-0.013 Dice.
 
 Intensities: MR is scaled by robust percentiles to [0, 1]; CT is clipped to a Hounsfield window
-and scaled to [0, 1]. The working grid is an isotropic grid with the fixed image's direction,
-covering the fixed image's foreground, its shape padded to a multiple the model needs.
+and scaled to [0, 1]. The working grid is an isotropic grid covering the fixed image's foreground, its shape padded
+to a multiple the model needs, along the fixed image's axes or, for a network trained upright,
+the world's (:data:`WORKING_AXES`).
 """
 
 from __future__ import annotations
@@ -94,17 +95,44 @@ def foreground_bbox(vol: Volume, margin_mm: float = 8.0) -> tuple[np.ndarray, np
     return lo, hi
 
 
-def training_grid(fixed: Volume, shape: tuple[int, int, int]) -> Grid:
-    """An isotropic grid of exactly ``shape`` (z, y, x) over the fixed image's foreground box,
-    centred on it, in the fixed image's direction; the spacing makes the box fit."""
-    lo, hi = foreground_bbox(fixed)
-    extent_mm = (hi - lo + 1) * np.array(fixed.spacing[::-1])
-    spacing = float(max(extent_mm / np.array(shape)))
+#: how a network's working grid is oriented: ``"image"`` keeps the fixed image's axes (networks
+#: trained on pairs in all 48 axis orientations); ``"world"`` lays the grid along the world's
+#: x, y, z (ITK's LPS), so that every scan stored in any axis order reaches the network upright,
+#: as the upright pairs of a network that reads orientation were (LinDef's keypoint affine)
+WORKING_AXES = ("image", "world")
+
+
+def framed_box(
+    fixed: Volume, lo: np.ndarray, hi: np.ndarray, axes: str = "image"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The box over the index box ``(lo, hi)`` (z, y, x) of ``fixed``, along ``axes``
+    (:data:`WORKING_AXES`): ``(centre (x, y, z) mm in world, extent (z, y, x) mm along the
+    box's axes, direction (3, 3))``. Along world axes, the box holds every voxel of the index box,
+    each counted with its own width."""
+    if axes not in WORKING_AXES:
+        raise ValueError(f"working axes must be one of {WORKING_AXES}, not {axes!r}")
     m = fixed.grid.index_to_world_matrix()
-    centre = m[:3, :3] @ ((lo + hi) / 2.0) + m[:3, 3]
+    if axes == "image":
+        extent = (hi - lo + 1) * np.array(fixed.spacing[::-1])
+        return m[:3, :3] @ ((lo + hi) / 2.0) + m[:3, 3], extent, fixed.direction.copy()
+    corners = np.array(
+        [[z, y, x, 1.0] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])]
+    )
+    world = (corners @ m.T)[:, :3]
+    voxel = np.abs(fixed.direction) @ np.array(fixed.spacing)  # a voxel's width along x, y, z
+    extent = world.max(0) - world.min(0) + voxel
+    return (world.max(0) + world.min(0)) / 2.0, extent[::-1], np.eye(3)
+
+
+def training_grid(fixed: Volume, shape: tuple[int, int, int], axes: str = "image") -> Grid:
+    """An isotropic grid of exactly ``shape`` (z, y, x) over the fixed image's foreground box,
+    centred on it, along ``axes`` (:data:`WORKING_AXES`); the spacing makes the box fit."""
+    lo, hi = foreground_bbox(fixed)
+    centre, extent_mm, direction = framed_box(fixed, lo, hi, axes)
+    spacing = float(max(extent_mm / np.array(shape)))
     half = (np.array(shape) - 1) / 2.0 * spacing
-    origin = centre - fixed.direction @ half[::-1]
-    return Grid(tuple(int(n) for n in shape), (spacing,) * 3, tuple(origin), fixed.direction.copy())
+    origin = centre - direction @ half[::-1]
+    return Grid(tuple(int(n) for n in shape), (spacing,) * 3, tuple(origin), direction)
 
 
 MIN_WORKING_SIZE = 16  # voxels: the smallest working-grid side worth running a network on
@@ -122,12 +150,13 @@ def working_grid(
     multiple: int = 16,
     crop_to_foreground: bool = True,
     model: str | None = None,
+    axes: str = "image",
 ) -> Grid:
     """Isotropic grid for the network over the fixed image (or its foreground box).
 
     spacing: mm; default: the coarser of the finest fixed spacing and ``extent / max_size``.
-    The shape is padded up to a multiple of ``multiple``, centred on the region, keeping the
-    fixed image's direction. Raises ``InputError`` (naming ``model``, the network) when
+    The shape is padded up to a multiple of ``multiple``, centred on the region, along ``axes``
+    (:data:`WORKING_AXES`: the fixed image's by default). Raises ``InputError`` (naming ``model``, the network) when
     ``max_size``, or the grid that ``spacing`` gives, is below :func:`smallest_working_size`.
     """
     from napari_deepwarp.core.io import InputError
@@ -141,7 +170,7 @@ def working_grid(
     lo, hi = (
         foreground_bbox(fixed) if crop_to_foreground else (np.zeros(3), np.array(fixed.shape) - 1.0)
     )
-    extent_mm = (hi - lo + 1) * np.array(fixed.spacing[::-1])  # (z, y, x)
+    centre_world, extent_mm, direction = framed_box(fixed, lo, hi, axes)
     if spacing is None:
         spacing = max(min(fixed.spacing), float(extent_mm.max()) / max_size)
     n = np.maximum(np.ceil(extent_mm / spacing - 1e-6), 1)
@@ -153,12 +182,9 @@ def working_grid(
             f"voxels, below the smallest {who} supports ({smallest}); give at most {finest:.3g} mm"
         )
     n = np.array([max(multiple, int(math.ceil(k / multiple) * multiple)) for k in n])
-    centre_index = (lo + hi) / 2.0
-    m = fixed.grid.index_to_world_matrix()
-    centre_world = m[:3, :3] @ centre_index + m[:3, 3]
     half = (n - 1) / 2.0 * spacing  # (z, y, x) mm from centre to first voxel
-    origin = centre_world - fixed.direction @ half[::-1]
-    return Grid(tuple(int(k) for k in n), (spacing,) * 3, tuple(origin), fixed.direction.copy())
+    origin = centre_world - direction @ half[::-1]
+    return Grid(tuple(int(k) for k in n), (spacing,) * 3, tuple(origin), direction)
 
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}

@@ -89,6 +89,11 @@ class SynthSettings:
     # side carries the whole misalignment: pairs as a network's own affine branch meets them
     # without the affine stage (LinDef ``--no-affine``)
     fixed_affine: bool = True
+    # with ``anatomy``: True frames it along the world's axes and keeps it upright (no random
+    # axis orientation), as the pipeline frames a fixed image for a network whose
+    # ``working_axes`` is "world" (LinDef's keypoint affine); False (default) frames it along the
+    # file's axes and draws one of the 48 axis orientations per pair
+    world_axes: bool = False
 
 
 def _uniform(low: float, high: float, shape, g: torch.Generator, device) -> torch.Tensor:
@@ -107,12 +112,13 @@ def random_label_map(s: SynthSettings, batch: int, g: torch.Generator, device) -
 
 
 @functools.lru_cache(maxsize=4)
-def _anatomy_on_grid(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+def _anatomy_on_grid(path: str, shape: tuple[int, int, int], axes: str = "image") -> np.ndarray:
     """The label map at ``path`` on an isotropic grid of ``shape`` over its foreground (labels
-    > 0), as the pipeline frames a fixed image; labels renumbered ``0 .. n - 1``, 0 kept 0."""
+    > 0) along ``axes``, as the pipeline frames a fixed image; labels renumbered
+    ``0 .. n - 1``, 0 kept 0."""
     labels = read_volume(path, labels=True)
     inside = labels.with_array((labels.array > 0).astype(np.float32))
-    on_grid = resample(labels, training_grid(inside, shape), None, "nearest").array
+    on_grid = resample(labels, training_grid(inside, shape, axes), None, "nearest").array
     values, compact = np.unique(on_grid, return_inverse=True)
     if values[0] != 0:  # no background on the grid: keep label numbers meaning "not background"
         compact = compact + 1
@@ -132,13 +138,18 @@ def random_orientation(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor
 
 def file_anatomy(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
     """``(B, 1, D, H, W)`` labels: ``s.anatomy``'s on the grid in a random axis-aligned
-    orientation each (:func:`random_orientation`), each label (not 0) cut into up to
-    ``s.anatomy_parts`` parts by one random label map (:func:`random_label_map`)."""
-    grid = torch.from_numpy(_anatomy_on_grid(s.anatomy, tuple(s.shape)))[None, None]
+    orientation each (:func:`random_orientation`; upright along the world's axes with
+    ``s.world_axes``), each label (not 0) cut into up to ``s.anatomy_parts`` parts by one random
+    label map (:func:`random_label_map`)."""
+    axes = "world" if s.world_axes else "image"
+    grid = torch.from_numpy(_anatomy_on_grid(s.anatomy, tuple(s.shape), axes))[None, None]
     cpu = torch.Generator().manual_seed(
         int(torch.randint(0, 2**62, (1,), generator=g, device=device))
     )
-    labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)]).to(device)
+    if s.world_axes:
+        labels = grid.expand(batch, -1, -1, -1, -1).clone().to(device)
+    else:
+        labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)]).to(device)
     if s.anatomy_parts <= 1:
         return labels
     return cut_into_parts(labels, s, g)

@@ -236,17 +236,36 @@ def _labels_term(u: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: tor
     return losses.soft_dice_loss(warp(onehot(moving_labels), u), onehot(fixed_labels))
 
 
-def _source(settings: TrainSettings):
+def _source(settings: TrainSettings, model: RegistrationModel):
     if settings.data == "synth":
         field = settings.field_weight > 0 or settings.affine_weight > 0
-        return SynthSource(synth_settings(settings), settings.seed, field)
+        synth = synth_settings(settings)
+        _check_axes(synth, model)
+        return SynthSource(synth, settings.seed, field)
     for name in ("field_weight", "affine_weight"):
         if getattr(settings, name) > 0:
             flag = "--" + name.replace("_", "-")
             raise InputError(
                 f"{flag} needs --data synth: only synthetic pairs come with their true field"
             )
-    return VolumeSource(settings.data, tuple(settings.shape), _cache(settings), settings.seed)
+    shape, cache = tuple(settings.shape), _cache(settings)
+    return VolumeSource(settings.data, shape, cache, settings.seed, axes=model.working_axes)
+
+
+def _check_axes(synth: SynthSettings, model: RegistrationModel) -> None:
+    """An error unless anatomy pairs are framed as the network's working grid will be: a
+    network that works upright (``working_axes="world"``) learns from upright pairs only."""
+    if not synth.anatomy or synth.world_axes == (model.working_axes == "world"):
+        return
+    if synth.world_axes:
+        raise InputError(
+            "--synth world_axes=true makes upright pairs, but this network works on the fixed "
+            "image's axes; give --config 'working_axes=\"world\"' too, or drop world_axes"
+        )
+    raise InputError(
+        'this network works along the world\'s axes (working_axes="world"): train it on '
+        "upright pairs with --synth world_axes=true"
+    )
 
 
 def synth_settings(settings: TrainSettings) -> SynthSettings:
@@ -432,7 +451,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
         raise InputError(f"--resume: {state_path(output)} does not exist; start without --resume")
     if start >= settings.steps:
         raise InputError(f"{output}: already trained for {start} steps; ask for more with --steps")
-    source = _source(settings)
+    source = _source(settings, model)
     objective = _objective(model, settings)
     net = model
     if dist.world > 1:
@@ -446,6 +465,7 @@ def _train(settings: TrainSettings, dist: _Distributed):
             _cache(settings),
             synth_settings(settings),
             count=settings.validation_count,
+            axes=model.working_axes,
         )
         if settings.resume:
             _trim_log(log_path(settings), start)

@@ -388,6 +388,33 @@ def test_affine_iterations_compose_each_pass_and_warp_once():
         LinDef(LinDefConfig(affine_iterations=0))
 
 
+def test_deformable_after_affine_reads_the_aligned_pair_and_adds_no_affine_after_it():
+    torch.manual_seed(0)
+    shape = (12, 10, 14)
+    model = LinDef(LinDefConfig(**NARROW, deformable_after_affine=True)).eval()
+    step = torch.eye(3, 4)[None].clone()
+    step[0, :, 3] = torch.tensor([0.1, -0.2, 0.05])  # the head's shift for any pair
+    seen = []
+    features = model.features
+    model.features = lambda m, f: seen.append(m) or features(m, f)
+    moving, fixed = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    with torch.no_grad():
+        model.affine.bias.copy_(step.flatten())
+        out = model(moving, fixed)
+    # One affine read (not two, as affine_iterations=1 with the paper's order would compose).
+    torch.testing.assert_close(out.extras["affine_normalized"], step)
+    shift = spatial.affine_to_field(normalized_to_voxel_affine(step, shape), shape)
+    assert len(seen) == 2 and torch.equal(seen[0], moving)
+    torch.testing.assert_close(seen[1], model.transformer(moving, shift))  # G reads this pair
+    grid = out.extras["deformable"] + spatial.identity_grid(shape)
+    total = apply_affine(out.affine, grid) - spatial.identity_grid(shape)
+    torch.testing.assert_close(out.displacement, total)
+    with pytest.raises(ValueError, match="working_axes"):
+        LinDef(LinDefConfig(working_axes="scanner"))
+    assert LinDef(LinDefConfig(**NARROW, working_axes="world")).working_axes == "world"
+    assert LinDef(LinDefConfig(**NARROW)).working_axes == "image"
+
+
 def test_symmetric_head_cancels_an_order_blind_shift():
     torch.manual_seed(0)
     model = LinDef(LinDefConfig(**NARROW, affine_symmetric=True)).eval()

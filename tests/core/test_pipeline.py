@@ -290,3 +290,36 @@ def test_affine_stage_from_labels_aligns_what_intensities_cannot():
     assert result.metrics["mean_dice_after"] > 0.95
     with pytest.raises(InputError, match="label maps on both sides"):
         run_generator(register(fixed, moving, settings, None, fixed_labels, None))
+
+
+@pytest.mark.parametrize("axes", ["world", "image"])
+def test_a_network_on_world_axes_gives_one_answer_however_the_scans_are_stored(axes):
+    """The same fixed scan stored in another axis order (DICOMOrient: the array permuted and
+    flipped, the direction matrix compensating) is the same physical image. A network whose
+    working grid lies along the world's axes sees the same input either way, so the physical
+    result is the same; on the image's axes (the default) the network sees a re-oriented array
+    and, not being equivariant, answers differently."""
+    from napari_deepwarp.core.models.lindef import LinDef, LinDefConfig
+
+    grid = Grid((28, 30, 26), (1.2, 1.0, 1.4), (-16.0, -15.0, -18.0), np.eye(3))
+    fixed, _ = blobs(grid, seed=1)
+    moving, _ = blobs(grid, seed=2)
+    torch.manual_seed(0)
+    config = LinDefConfig(enc_channels=(4,) * 5, dec_channels=(4,), working_axes=axes)
+    net = LinDef(config).eval()
+    with torch.no_grad():  # a non-trivial field: random weights in the gradient head
+        for p in net.gradients.parameters():
+            p.normal_(0, 0.3)
+    stored = Volume.from_sitk(sitk.DICOMOrient(fixed.to_sitk(), "SAR"), "fixed")
+    assert stored.shape != fixed.shape  # the array really is stored differently
+    settings = RegistrationSettings(model="lindef", device="cpu", affine=False, max_size=16)
+    settings.if_worse = "keep"
+    a = drain(register(fixed, moving, settings, net))
+    b = drain(register(stored, moving, settings, net))
+    back = sitk.Resample(b.warped.to_sitk(), fixed.to_sitk(), sitk.Transform(), sitk.sitkLinear)
+    difference = np.abs(sitk.GetArrayFromImage(back) - a.warped.array).max()
+    assert float(np.abs(a.displacement).max()) > 0.5  # the network moved the image
+    if axes == "world":
+        assert difference < 1e-4
+    else:
+        assert difference > 1e-2

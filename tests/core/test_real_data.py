@@ -54,7 +54,7 @@ def test_a_shipped_checkpoint_keeps_a_scan_registered_to_itself_still(path):
     1.0, MI-UNet 1.4, LinDef 1.5; LinDef before it saw still pairs 1.9 (self-Dice 0.63)."""
     net, card = load_checkpoint(path)
     scan = mindboggle(1, "t1")
-    grid = working_grid(scan, None, working_size(card), net.size_multiple)
+    grid = working_grid(scan, None, working_size(card), net.size_multiple, axes=net.working_axes)
     image = network_input(scan, grid, intensity_window(scan.array, IntensityPreset("auto")))
     x = torch.from_numpy(image).float()[None, None]
     with torch.no_grad():

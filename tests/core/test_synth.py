@@ -234,6 +234,38 @@ def test_file_anatomy_is_framed_like_a_fixed_image_and_renumbered(tmp_path):
     assert np.all(np.abs(ball - 11.5) < 2)  # the ball is centred in the box, the box on the grid
 
 
+def test_world_axes_frame_the_anatomy_upright_along_the_worlds_axes(tmp_path):
+    """``world_axes``: the anatomy on a grid along the world's axes (the same label map stored
+    in another axis order lands identically) and never re-oriented; the default draws one of
+    the 48 axis orientations per pair."""
+    import SimpleITK as sitk
+
+    from napari_deepwarp.core.synth import _anatomy_on_grid, file_anatomy
+
+    _write_anatomy(tmp_path / "anatomy.nii.gz")
+    stored = sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "anatomy.nii.gz")), "SAR")
+    sitk.WriteImage(stored, str(tmp_path / "stored.nii.gz"))
+    upright = [
+        _anatomy_on_grid(str(tmp_path / n), (24, 24, 24), "world")
+        for n in ("anatomy.nii.gz", "stored.nii.gz")
+    ]
+    assert np.array_equal(*upright)
+    image_axes = _anatomy_on_grid(str(tmp_path / "stored.nii.gz"), (24, 24, 24))
+    assert not np.array_equal(image_axes, upright[0])
+    s = SynthSettings(shape=(24, 24, 24), anatomy=str(tmp_path / "stored.nii.gz"), world_axes=True)
+    drawn = [file_anatomy(s, 2, torch.Generator().manual_seed(k), "cpu") for k in range(4)]
+    assert all(torch.equal(d[i, 0], torch.from_numpy(upright[0])) for d in drawn for i in range(2))
+    plain = SynthSettings(**{**s.__dict__, "world_axes": False})
+    orientations = {
+        file_anatomy(plain, 1, torch.Generator().manual_seed(k), "cpu")
+        .flatten()[::97]
+        .tolist()
+        .__repr__()
+        for k in range(8)
+    }
+    assert len(orientations) > 1
+
+
 def test_random_orientation_gives_all_48_axis_aligned_orientations():
     from napari_deepwarp.core.synth import random_orientation
 

@@ -190,6 +190,33 @@ def test_folder_dataset_pairs_images_with_labels_and_caches(volume_folder, tmp_p
     assert draws[0] != draws[1]
 
 
+def test_folder_pairs_on_world_axes_do_not_depend_on_how_a_volume_is_stored(
+    volume_folder, tmp_path
+):
+    """``axes="world"`` (a network that works upright): a fixed volume stored in another axis
+    order gives the same training pair; image axes give its array re-oriented; cached apart."""
+    import SimpleITK as sitk
+
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    for name in ("sub0_t1.nii.gz", "sub0_labels.nii.gz", "sub1_t1.nii.gz", "sub1_labels.nii.gz"):
+        image = sitk.ReadImage(str(volume_folder / name))
+        if name.startswith("sub0"):  # the fixed volume of pair (0, 1), in another axis order
+            image = sitk.DICOMOrient(image, "SAR")
+        sitk.WriteImage(image, str(stored / name))
+    shape = (16, 16, 16)
+
+    def pair(folder, axes):
+        return datasets.VolumeSource(folder, shape, tmp_path / "cache", affine=False, axes=axes)
+
+    world = [pair(f, "world").prepared(0, 1) for f in (volume_folder, stored)]
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        np.testing.assert_allclose(world[0][key], world[1][key], atol=1e-5)
+    image = [pair(f, "image").prepared(0, 1) for f in (volume_folder, stored)]
+    assert not np.allclose(image[0]["fixed"], image[1]["fixed"], atol=1e-3)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+
+
 def test_training_on_a_csv_of_pairs_with_validation(volume_folder, tmp_path, one_thread):
     csv_path = tmp_path / "pairs.csv"
     rows = ["fixed,moving,fixed_labels,moving_labels"]
@@ -424,6 +451,35 @@ def test_synth_anatomy_trains_and_a_wrong_type_is_named(tmp_path, one_thread):
     assert "drawn from the label map tissues.nii.gz" in training["data"]
     with pytest.raises(InputError, match="anatomy takes a file path"):
         run_generator(train(settings(tmp_path, name="x.pt", steps=2, synth={"anatomy": 3})))
+
+
+def test_a_network_on_world_axes_trains_on_upright_pairs_only(tmp_path, one_thread):
+    """Anatomy pairs must be framed as the network's working grid will be: upright pairs
+    (``world_axes``) for a network on the world's axes, and only for it; each mismatch is
+    refused with the fix. Blob pairs have no upright, so they train either network."""
+    import SimpleITK as sitk
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[4:16, 5:15, 6:14] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "tissues.nii.gz"))
+    anatomy = str(tmp_path / "tissues.nii.gz")
+    world = {"config": {"working_axes": "world", "enc_channels": [4] * 5, "dec_channels": [4]}}
+    upright = {"anatomy": anatomy, "world_axes": True}
+    run_generator(
+        train(settings(tmp_path, "w.pt", model="lindef", steps=1, synth=upright, **world))
+    )
+    assert read_card(tmp_path / "w.pt")["config"]["working_axes"] == "world"
+    with pytest.raises(InputError, match="train it on upright pairs with --synth world_axes=true"):
+        run_generator(
+            train(
+                settings(
+                    tmp_path, "x.pt", model="lindef", steps=1, synth={"anatomy": anatomy}, **world
+                )
+            )
+        )
+    with pytest.raises(InputError, match='working_axes="world"\' too, or drop world_axes'):
+        run_generator(train(settings(tmp_path, "y.pt", steps=1, synth=upright)))
+    run_generator(train(settings(tmp_path, "z.pt", model="lindef", steps=1, **world)))
 
 
 def test_affine_supervision_teaches_lindefs_linear_branch(tmp_path, one_thread):

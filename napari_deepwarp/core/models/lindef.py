@@ -111,6 +111,20 @@ What this implementation does, and where it chooses (section numbers are the pap
   keypoint detector trained so drifted on real brains, each pass re-reading a moving image
   resampled partly outside the grid (Dice 0.30 after one pass, 0.01 after four; the training
   record's eighth session).
+* ``deformable_after_affine = True`` (our extension; default False): the affine passes (all
+  ``affine_iterations`` of them) come first and the deformable part reads the pair they
+  aligned, with no affine read after it: ``warped(p) = moving(A_1(...A_k(G(p))))`` where ``G``
+  is predicted from ``moving(A_1(...A_k(p)))`` and the fixed image. The paper reads both parts
+  from the unaligned pair, so its deformable part learns to finish whatever affine the head
+  gives; a deformable part trained on aligned pairs (``lindef_noaffine_brain``) cannot, and
+  takes a keypoint affine of 0.33 Dice down to 0.24 (Mindboggle 2<-3, 32-voxel grid), where
+  after the affine it brings it up (the training record's eleventh session).
+* ``working_axes = "world"`` (our extension; default ``"image"``): the working grid lies along
+  the world's axes (:data:`napari_deepwarp.core.preprocess.WORKING_AXES`), so a brain reaches the
+  network upright however its file stores it, as the upright training pairs of a keypoint
+  detector trained with ``--synth world_axes=true`` were. A detector trained on all 48 axis
+  orientations must learn each of them apart: after 2,145 steps it read 0.13 of a pair's
+  rotation, where the same detector trained on upright pairs read 0.5 within 100 steps.
 * Composition (Sec. 2.1, Eq. 3: the deformable part is applied first, then the linear part): as
   positions the sampling grid is ``p -> A(G(p))`` -- first the integrated deformable grid, then
   the affine -- exactly as the authors' code multiplies the integrated grid by the matrix. The
@@ -157,6 +171,7 @@ from napari_deepwarp.core.models.registry import (
     RegistrationOutput,
     register_model,
 )
+from napari_deepwarp.core.preprocess import WORKING_AXES
 
 #: what LinDef's affine head may read (see the module docstring)
 AFFINE_POOLINGS = ("mean", "moments", "moments2", "keypoints")
@@ -187,6 +202,10 @@ class LinDefConfig:
     affine_symmetric: average the affine head's estimate with the inverse of its estimate for
         the swapped pair (see the module docstring).
     affine_iterations: passes of the network (see the module docstring); 1 is the paper's.
+    deformable_after_affine: read the deformable part from the pair the affine passes aligned,
+        and no affine after it (see the module docstring); False is the paper's.
+    working_axes: ``"image"`` (the fixed image's axes, the default) or ``"world"`` (upright;
+        see the module docstring).
     alpha: weight of ``sum |A - I|`` (normalised-coordinate matrix).
     beta: weight of ``sum |Phi - 1|``.
     """
@@ -201,6 +220,8 @@ class LinDefConfig:
     affine_pooling: str = "mean"
     affine_symmetric: bool = False
     affine_iterations: int = 1
+    deformable_after_affine: bool = False
+    working_axes: str = "image"
     keypoints: int = 32
     keypoint_channels: tuple[int, ...] = (16, 32, 32)
     keypoint_dilations: tuple[int, ...] = (1, 2, 4)
@@ -427,6 +448,10 @@ class LinDef(RegistrationModel):
         positive_gradients(torch.zeros(()), cfg.max_gradient)  # validates max_gradient
         if int(cfg.affine_iterations) < 1:
             raise ValueError(f"affine_iterations must be 1 or more, not {cfg.affine_iterations}")
+        if cfg.working_axes not in WORKING_AXES:
+            raise ValueError(
+                f"working_axes must be one of {WORKING_AXES}, not {cfg.working_axes!r}"
+            )
         if cfg.affine_pooling not in AFFINE_POOLINGS:
             raise ValueError(
                 f"affine_pooling must be one of {AFFINE_POOLINGS}, not {cfg.affine_pooling!r}"
@@ -522,8 +547,10 @@ class LinDef(RegistrationModel):
     def predict(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         shape = tuple(moving.shape[2:])
         source, prior = moving, None  # the moving image as the earlier affine passes left it
+        passes = int(self.config.affine_iterations)
+        after = self.affine is not None and bool(self.config.deformable_after_affine)
         if self.affine is not None:
-            for _ in range(int(self.config.affine_iterations) - 1):
+            for _ in range(passes if after else passes - 1):
                 step = self._affine_estimate(source, fixed, self.features(source, fixed))
                 prior = step if prior is None else compose_affines(prior, step)
                 to_prior = spatial.affine_to_field(normalized_to_voxel_affine(prior, shape), shape)
@@ -537,9 +564,12 @@ class LinDef(RegistrationModel):
         extras: dict[str, Any] = {"spatial_gradients": phi, "deformable": deformable}
         affine_v = None
         if self.affine is not None:
-            affine_n = self._affine_estimate(source, fixed, merged)
-            if prior is not None:
-                affine_n = compose_affines(prior, affine_n)
+            if after:
+                affine_n = prior
+            else:
+                affine_n = self._affine_estimate(source, fixed, merged)
+                if prior is not None:
+                    affine_n = compose_affines(prior, affine_n)
             affine_v = normalized_to_voxel_affine(affine_n, shape)
             disp = apply_affine(affine_v, grid) - identity
             extras["affine_normalized"] = affine_n

@@ -95,6 +95,12 @@ class RegistrationModel(nn.Module):
         report them; ``float()`` a term where it is logged."""
         raise NotImplementedError
 
+    @property
+    def working_axes(self) -> str:
+        """How the working grid is laid (:data:`napari_deepwarp.core.preprocess.WORKING_AXES`):
+        the config's ``working_axes`` where it has one, else ``"image"``."""
+        return str(getattr(self.config, "working_axes", "image"))
+
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
