@@ -20,12 +20,13 @@ What it does:
   relative to the spread of the points (:func:`point_term`). The rest of the network is not run:
   the paper's pooled head must still be the identity, which is checked, so the branch's
   affine is the keypoint fit alone.
-- Pairs: ``--anatomy``'s labels (:mod:`napari_deepwarp.core.synth`) with ``fixed_affine=False``,
-  so the fixed side fills the grid as the pipeline frames a fixed image and the moving side
-  carries the whole misalignment (``--rotation`` degrees, ``--translation`` voxels,
+- Pairs: ``--anatomy``'s labels (:mod:`napari_deepwarp.core.synth`) with ``fixed_affine=False``
+  (unless ``--fixed-affine``), so the fixed side fills the grid as the pipeline frames a fixed
+  image and the moving side carries the whole misalignment (``--rotation`` degrees, ``--translation`` voxels,
   ``--scaling``, ``--shear``), as a pair meets the branch under ``deepwarp register
   --no-affine``; with ``--parts-per-side``, each side's tissues are cut into parts of its own,
-  so that no part boundary is in both images. Pair ``i`` comes from seed
+  so that no part boundary is in both images; with ``--world-axes``, upright along the world's
+  axes, for a network whose working grid lies so (``working_axes="world"``). Pair ``i`` comes from seed
   ``seed * 1_000_003 + i``, so a resumed run draws the pairs it would have drawn.
 
 Writes ``-o`` (the checkpoint, with a card that records this command), ``-o`` with
@@ -139,6 +140,19 @@ def main(argv: list[str] | None = None) -> None:
         help="cut each side into parts of its own (SynthSettings.parts_per_side), so that "
         "the two sides differ inside each tissue as two subjects do",
     )
+    parser.add_argument(
+        "--world-axes",
+        action="store_true",
+        help="upright pairs framed along the world's axes (SynthSettings.world_axes), and the "
+        "network's working grid too (working_axes=world): the detector learns one orientation, "
+        "not 48",
+    )
+    parser.add_argument(
+        "--fixed-affine",
+        action="store_true",
+        help="give the fixed side an affine jitter too (SynthSettings.fixed_affine), so that "
+        "the fixed brains are not all in the template's pose",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--point-weight", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=10**9)
@@ -155,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = _config_overrides(args.config)  # as deepwarp train --config reads them
+    if args.world_axes:
+        overrides = {"working_axes": "world", **overrides}
     torch.manual_seed(args.seed)  # the detector's initial weights
     model, parent_card = build(args.init, overrides)
     device = torch.device(args.device)
@@ -185,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         scaling=args.scaling,
         shear=args.shear,
         displacement=args.displacement,
-        fixed_affine=False,
+        fixed_affine=args.fixed_affine,
+        world_axes=args.world_axes,
     )
     command = shlex.join(["python", "resources/training/pretrain_keypoints.py", *sys.argv[1:]])
 
@@ -193,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         training = {
             "data": f"synthetic pairs from {args.anatomy.name}, fixed side framed "
             f"(rotation {args.rotation} deg, translation {args.translation} voxels, scaling "
-            f"{args.scaling}{', parts cut per side' if args.parts_per_side else ''}); "
+            f"{args.scaling}{', parts cut per side' if args.parts_per_side else ''}"
+            f"{', upright along the world axes' if args.world_axes else ''}"
+            f"{', the fixed side posed too' if args.fixed_affine else ''}); "
             "only the keypoint detector trained, on the true affine",
             "steps": step,
             "command": command,
