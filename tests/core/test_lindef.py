@@ -450,6 +450,29 @@ def test_affine_from_keypoints_recovers_rotation_scaling_and_shift():
     torch.testing.assert_close(one_place[0, :, 3], shift * 8 / 8.1, atol=1e-6, rtol=0)
 
 
+def test_keypoint_size_shows_the_detector_the_grid_it_was_trained_on():
+    """``keypoint_size``: on a finer working grid the detector reads the image resampled to
+    its own grid, so it finds the points it finds there (normalised coordinates agree)."""
+    from torch.nn import functional as F
+
+    from napari_deepwarp.core.models.lindef import KeypointDetector, resize_longest_side
+
+    torch.manual_seed(0)
+    coarse = F.interpolate(torch.rand(1, 1, 5, 5, 5), size=(17, 17, 17), mode="trilinear")
+    fine = F.interpolate(coarse, size=(33, 33, 33), mode="trilinear", align_corners=True)
+    assert resize_longest_side(torch.zeros(1, 1, 80, 96, 80), 32).shape[2:] == (27, 32, 27)
+    assert resize_longest_side(coarse, 17) is coarse
+    detector = KeypointDetector(8, (4, 4), (1, 2), 0.2, size=17)
+    with torch.no_grad():
+        for p in detector.parameters():  # heatmaps smooth enough to compare points
+            p.normal_(0, 0.1)
+        on_coarse, on_fine = detector(coarse), detector(fine)
+        detector.size = 0  # the fine grid as it is: other points
+        as_it_is = detector(fine)
+    torch.testing.assert_close(on_fine, on_coarse, atol=0.005, rtol=0)
+    assert (as_it_is - on_coarse).abs().max() > 0.02
+
+
 def test_keypoint_pooling_starts_as_the_identity_and_learns_from_the_first_step():
     """A checkpoint without an affine branch loads into it unchanged (what --init needs)."""
     torch.manual_seed(0)

@@ -163,9 +163,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from napari_deepwarp.core import losses, spatial
-from napari_deepwarp.core.models.blocks import ConvBlock, FlowHead, SpatialTransformer
+from napari_deepwarp.core.models.blocks import (
+    ConvBlock,
+    FlowHead,
+    SpatialTransformer,
+    gaussian_smooth,
+)
 from napari_deepwarp.core.models.registry import (
     RegistrationModel,
     RegistrationOutput,
@@ -195,10 +201,11 @@ class LinDefConfig:
         coordinates), ``"moments2"`` (also their second moments) or ``"keypoints"`` (an affine
         fitted to points detected in each image); see the module docstring.
     keypoints / keypoint_channels / keypoint_dilations / keypoint_ridge /
-        keypoint_prior_width / keypoint_gain: with ``affine_pooling="keypoints"``, the number
-        of points, the detector's convolutions, the ridge toward the identity of the
-        least-squares fit, the width of each point's prior and the gain of its learnt logits
-        (see :class:`KeypointDetector`).
+        keypoint_prior_width / keypoint_gain / keypoint_size: with
+        ``affine_pooling="keypoints"``, the number of points, the detector's convolutions, the
+        ridge toward the identity of the least-squares fit, the width of each point's prior,
+        the gain of its learnt logits and the longest side of the grid it reads (0: the
+        working grid as it is; see :class:`KeypointDetector`).
     affine_symmetric: average the affine head's estimate with the inverse of its estimate for
         the swapped pair (see the module docstring).
     affine_iterations: passes of the network (see the module docstring); 1 is the paper's.
@@ -228,6 +235,7 @@ class LinDefConfig:
     keypoint_ridge: float = 0.1
     keypoint_prior_width: float = 0.5
     keypoint_gain: float = 30.0
+    keypoint_size: int = 0
     alpha: float = 1e-6
     beta: float = 1e-6
 
@@ -343,7 +351,10 @@ class KeypointDetector(nn.Module):
     ``gain`` multiplies the learnt logits: Adam moves every weight by about its learning rate a
     step, and the logits must reach the prior's range before a point can follow the anatomy
     (the detector alone, supervised by the true affine: 300 steps read none of a 15-degree
-    rotation at gain 1; 1,200 steps read about 10 % of it at gain 10 and 20 % at 30)."""
+    rotation at gain 1; 1,200 steps read about 10 % of it at gain 10 and 20 % at 30).
+    ``size`` > 0: the image is first resampled so that its longest side has ``size`` voxels
+    (:func:`resize_longest_side`), the grid the detector was trained on, whatever grid the
+    rest of the network works on; the points, normalised, need no conversion."""
 
     def __init__(
         self,
@@ -353,8 +364,10 @@ class KeypointDetector(nn.Module):
         negative_slope: float,
         prior_width: float = 0.5,
         gain: float = 30.0,
+        size: int = 0,
     ):
         super().__init__()
+        self.size = int(size)
         if len(channels) != len(dilations) or not channels:
             raise ValueError("one dilation per keypoint convolution, and at least one of each")
         layers, prev = [], 1
@@ -381,11 +394,31 @@ class KeypointDetector(nn.Module):
         self.gain = float(gain)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.size > 0:
+            image = resize_longest_side(image, self.size)
         logits = self.gain * self.heatmaps(self.body(image)).flatten(2).float()  # (B, K, N)
         axes = _normalised_axes(image[:, :1].float())
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         prior = -torch.cdist(self.centres.float(), coords).square() / (2 * self.prior_width**2)
         return torch.softmax(logits + prior, dim=-1) @ coords
+
+
+def resize_longest_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``image (B, C, D, H, W)`` resampled so that its longest side has ``size`` voxels and
+    the voxels stay cubes: side ``n`` becomes ``1 + round((n - 1) (size - 1) / (N - 1))``
+    (``N`` the longest), corner voxel centres kept (``align_corners``), so normalised
+    coordinates mean the same place before and after. Gaussian anti-aliasing first when
+    shrinking, ``sigma = 0.5 sqrt(f^2 - 1)`` voxels for a factor ``f`` (as the pipeline's network
+    inputs). Unchanged when the longest side already has ``size`` voxels."""
+    shape = tuple(image.shape[2:])
+    longest = max(shape)
+    if longest == size or longest <= 1:
+        return image
+    factor = (longest - 1) / (size - 1)
+    target = tuple(max(1, 1 + round((n - 1) / factor)) for n in shape)
+    if factor > 1:
+        image = gaussian_smooth(image, 0.5 * math.sqrt(factor**2 - 1))
+    return F.interpolate(image, size=target, mode="trilinear", align_corners=True)
 
 
 def affine_from_keypoints(
@@ -504,6 +537,7 @@ class LinDef(RegistrationModel):
                 slope,
                 cfg.keypoint_prior_width,
                 cfg.keypoint_gain,
+                cfg.keypoint_size,
             )
         if cfg.use_affine and cfg.affine_pooling in ("moments", "moments2"):
             self.affine_moments = nn.Linear(3 * merged, 12, bias=False)
