@@ -42,10 +42,11 @@ common=(--data synth --steps 1000000 --time-limit "$minutes" --shape "$n" "$n" "
   --grad-clip 10 --checkpoint-every 200 --validate-every 500 --synth background=0.9
   --synth "label_grid=$(whole 12)" --precision bfloat16 --device "$device" --seed 96 -q)
 case "$leg" in
-  lindef_keypoints)  # the recipe's pairs (framed fixed side, 20 degrees, 10 %), scaled to n^3
+  lindef_keypoints)  # the recipe's pairs (upright, both sides posed, 20 degrees, 10 %), at n^3
     cmd=(python3 resources/training/pretrain_keypoints.py
       --init resources/checkpoints/lindef_noaffine_brain.pt --anatomy "$anatomy" --shape "$n"
       --translation "$(scale 7.5)" --displacement "$(scale 3)" --minutes "$minutes"
+      --world-axes --fixed-affine --config deformable_after_affine=true
       --device "$device" --seed 96 -o "$out/$leg.pt") ;;
   lindef_affine)  # the coupled network, misaligned as native-space brains are; its head reads
     # first moments, both ways, in two passes (see the LinDef docstring and the training record)

@@ -10,7 +10,8 @@ Why: LinDef's own affine branch with ``affine_pooling="keypoints"`` learns rotat
 What it does:
 
 - The network is ``--init``'s LinDef (a "w/o Affine" one, such as ``lindef_noaffine_brain``)
-  with ``use_affine=true, affine_pooling=keypoints`` and ``--config`` on top; the detector
+  with ``use_affine=true, affine_pooling=keypoints, keypoint_size=--shape`` and ``--config`` on
+  top; the detector
   starts as the identity, so the prediction is ``--init``'s at step 0. Starting from a
   checkpoint this script wrote, everything loads as it is.
 - Only the detector's weights train (Adam, ``--lr``), on the mean squared distance (voxels^2)
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = _config_overrides(args.config)  # as deepwarp train --config reads them
+    # the detector reads the grid it trains on, whatever grid the rest works on at inference
+    overrides = {"keypoint_size": args.shape, **overrides}
     if args.world_axes:
         overrides = {"working_axes": "world", **overrides}
     torch.manual_seed(args.seed)  # the detector's initial weights
@@ -208,11 +211,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         training = {
-            "data": f"synthetic pairs from {args.anatomy.name}, fixed side framed "
+            "data": f"synthetic pairs from {args.anatomy.name}, "
+            f"{'both sides posed' if args.fixed_affine else 'fixed side framed'} "
             f"(rotation {args.rotation} deg, translation {args.translation} voxels, scaling "
             f"{args.scaling}{', parts cut per side' if args.parts_per_side else ''}"
-            f"{', upright along the world axes' if args.world_axes else ''}"
-            f"{', the fixed side posed too' if args.fixed_affine else ''}); "
+            f"{', upright along the world axes' if args.world_axes else ''}); "
             "only the keypoint detector trained, on the true affine",
             "steps": step,
             "command": command,
