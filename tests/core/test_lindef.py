@@ -450,6 +450,25 @@ def test_affine_from_keypoints_recovers_rotation_scaling_and_shift():
     torch.testing.assert_close(one_place[0, :, 3], shift * 8 / 8.1, atol=1e-6, rtol=0)
 
 
+def test_symmetric_keypoint_affine_averages_the_fits_both_ways():
+    """With keypoints, ``affine_symmetric`` averages the fit with the inverse of the fit from
+    the moving points to the fixed ones: exact points give the exact map (the pooled head's
+    swapped read, the identity here, would have halved it)."""
+    torch.manual_seed(0)
+    config = LinDefConfig(
+        **NARROW, affine_pooling="keypoints", affine_symmetric=True, keypoint_ridge=1e-6
+    )
+    model = LinDef(config).eval()
+    truth = torch.tensor([[1.1, 0.1, 0.0, 0.1], [0.0, 0.9, 0.05, -0.2], [0.02, 0.0, 1.05, 0.05]])
+    fixed_points = 2 * torch.rand(1, 16, 3) - 1
+    moving_points = fixed_points @ truth[:, :3].T + truth[:, 3]
+    moving, fixed = torch.rand(1, 1, 10, 10, 10), torch.rand(1, 1, 10, 10, 10)
+    model.keypoints.forward = lambda image: moving_points if image is moving else fixed_points
+    with torch.no_grad():
+        out = model(moving, fixed)
+    torch.testing.assert_close(out.extras["affine_normalized"][0], truth, atol=1e-4, rtol=0)
+
+
 def test_keypoint_size_shows_the_detector_the_grid_it_was_trained_on():
     """``keypoint_size``: on a finer working grid the detector reads the image resampled to
     its own grid, so it finds the points it finds there (normalised coordinates agree)."""

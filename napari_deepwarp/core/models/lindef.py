@@ -569,10 +569,12 @@ class LinDef(RegistrationModel):
         """The affine head's ``(B, 3, 4)`` normalised matrix for a pair, symmetric if asked."""
         affine_n = self._affine_head(merged)
         if self.keypoints is not None:
-            fitted = affine_from_keypoints(
-                self.keypoints(fixed), self.keypoints(moving), float(self.config.keypoint_ridge)
-            )
-            affine_n = fitted + (affine_n - torch.eye(3, 4, device=affine_n.device))
+            q, p = self.keypoints(fixed), self.keypoints(moving)
+            ridge = float(self.config.keypoint_ridge)
+            fitted = affine_from_keypoints(q, p, ridge)
+            if self.config.affine_symmetric:  # the fit the other way estimates the inverse
+                fitted = symmetric_affine(fitted, affine_from_keypoints(p, q, ridge))
+            return fitted + (affine_n - torch.eye(3, 4, device=affine_n.device))
         if self.config.affine_symmetric:
             backward = self._affine_head(self.features(fixed, moving))
             affine_n = symmetric_affine(affine_n, backward)
