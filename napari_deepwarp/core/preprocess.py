@@ -8,9 +8,9 @@ aliased image unlike the smooth training pairs: on a Mindboggle pair it cost eve
 0.003-0.013 Dice.
 
 Intensities: MR is scaled by robust percentiles to [0, 1]; CT is clipped to a Hounsfield window
-and scaled to [0, 1]. The working grid is an isotropic grid covering the fixed image's foreground, its shape padded
-to a multiple the model needs, along the fixed image's axes or, for a network trained upright,
-the world's (:data:`WORKING_AXES`).
+and scaled to [0, 1]. The working grid is an isotropic grid covering the fixed image's
+foreground, its shape padded to a multiple the model needs, along the fixed image's axes or, for
+a network trained upright, the world's (:data:`WORKING_AXES`).
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def working_grid(
 
     spacing: mm; default: the coarser of the finest fixed spacing and ``extent / max_size``.
     The shape is padded up to a multiple of ``multiple``, centred on the region, along ``axes``
-    (:data:`WORKING_AXES`: the fixed image's by default). Raises ``InputError`` (naming ``model``, the network) when
-    ``max_size``, or the grid that ``spacing`` gives, is below :func:`smallest_working_size`.
+    (:data:`WORKING_AXES`: the fixed image's by default). Raises ``InputError`` (naming
+    ``model``, the network) when ``max_size``, or the grid that ``spacing`` gives, is below
+    :func:`smallest_working_size`.
     """
     from napari_deepwarp.core.io import InputError
 

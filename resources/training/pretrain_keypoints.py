@@ -23,12 +23,13 @@ What it does:
   affine is the keypoint fit alone.
 - Pairs: ``--anatomy``'s labels (:mod:`napari_deepwarp.core.synth`) with ``fixed_affine=False``
   (unless ``--fixed-affine``), so the fixed side fills the grid as the pipeline frames a fixed
-  image and the moving side carries the whole misalignment (``--rotation`` degrees, ``--translation`` voxels,
-  ``--scaling``, ``--shear``), as a pair meets the branch under ``deepwarp register
-  --no-affine``; with ``--parts-per-side``, each side's tissues are cut into parts of its own,
-  so that no part boundary is in both images; with ``--world-axes``, upright along the world's
-  axes, for a network whose working grid lies so (``working_axes="world"``). Pair ``i`` comes from seed
-  ``seed * 1_000_003 + i``, so a resumed run draws the pairs it would have drawn.
+  image and the moving side carries the whole misalignment (``--rotation`` degrees,
+  ``--translation`` voxels, ``--scaling``, ``--shear``), as a pair meets the branch under
+  ``deepwarp register --no-affine``; with ``--parts-per-side``, each side's tissues are cut into
+  parts of its own, so that no part boundary is in both images; with ``--world-axes``, upright
+  along the world's axes, for a network whose working grid lies so (``working_axes="world"``).
+  Pair ``i`` comes from seed ``seed * 1_000_003 + i``, so a resumed run draws the pairs it
+  would have drawn.
 
 Writes ``-o`` (the checkpoint, with a card that records this command), ``-o`` with
 ``.state.pt`` (weights, Adam state and step, for ``--resume``) and ``.log.jsonl`` (both terms,

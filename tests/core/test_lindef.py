@@ -411,6 +411,8 @@ def test_deformable_after_affine_reads_the_aligned_pair_and_adds_no_affine_after
     torch.testing.assert_close(out.displacement, total)
     with pytest.raises(ValueError, match="working_axes"):
         LinDef(LinDefConfig(working_axes="scanner"))
+    with pytest.raises(ValueError, match="keypoint_size must be 0"):
+        LinDef(LinDefConfig(affine_pooling="keypoints", keypoint_size=1))
     assert LinDef(LinDefConfig(**NARROW, working_axes="world")).working_axes == "world"
     assert LinDef(LinDefConfig(**NARROW)).working_axes == "image"
 

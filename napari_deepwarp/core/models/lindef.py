@@ -118,13 +118,16 @@ What this implementation does, and where it chooses (section numbers are the pap
   from the unaligned pair, so its deformable part learns to finish whatever affine the head
   gives; a deformable part trained on aligned pairs (``lindef_noaffine_brain``) cannot, and
   takes a keypoint affine of 0.33 Dice down to 0.24 (Mindboggle 2<-3, 32-voxel grid), where
-  after the affine it brings it up (the training record's eleventh session).
+  after the affine it brings it up to 0.35 (the training record's eleventh session).
 * ``working_axes = "world"`` (our extension; default ``"image"``): the working grid lies along
   the world's axes (:data:`napari_deepwarp.core.preprocess.WORKING_AXES`), so a brain reaches the
   network upright however its file stores it, as the upright training pairs of a keypoint
   detector trained with ``--synth world_axes=true`` were. A detector trained on all 48 axis
-  orientations must learn each of them apart: after 2,145 steps it read 0.13 of a pair's
-  rotation, where the same detector trained on upright pairs read 0.5 within 100 steps.
+  orientations must learn each of them apart: after 2,145 steps it read 0.13 of a synthetic
+  pair's rotation; trained on upright pairs from there it read 0.5 within 100 steps and 0.78
+  after 2,100, and its own branch went from 0.267 to 0.460 Dice on held-out native-space brains
+  (the shipped ``lindef_keypoints_brain``: keypoints, one pass, ``deformable_after_affine``,
+  ``working_axes="world"``, ``keypoint_size=32`` at an 80-voxel working grid).
 * Composition (Sec. 2.1, Eq. 3: the deformable part is applied first, then the linear part): as
   positions the sampling grid is ``p -> A(G(p))`` -- first the integrated deformable grid, then
   the affine -- exactly as the authors' code multiplies the integrated grid by the matrix. The
@@ -481,6 +484,8 @@ class LinDef(RegistrationModel):
         positive_gradients(torch.zeros(()), cfg.max_gradient)  # validates max_gradient
         if int(cfg.affine_iterations) < 1:
             raise ValueError(f"affine_iterations must be 1 or more, not {cfg.affine_iterations}")
+        if int(cfg.keypoint_size) < 0 or int(cfg.keypoint_size) == 1:
+            raise ValueError(f"keypoint_size must be 0 (off) or 2 or more, not {cfg.keypoint_size}")
         if cfg.working_axes not in WORKING_AXES:
             raise ValueError(
                 f"working_axes must be one of {WORKING_AXES}, not {cfg.working_axes!r}"
