@@ -14,7 +14,8 @@ What it does:
   top; the detector
   starts as the identity, so the prediction is ``--init``'s at step 0. Starting from a
   checkpoint this script wrote, everything loads as it is.
-- Only the detector's weights train (Adam, ``--lr``), on the mean squared distance (voxels^2)
+- Only the detector's weights train (Adam, ``--lr``; a resumed leg keeps the saved rate
+  unless ``--lr`` is given), on the mean squared distance (voxels^2)
   between the field of the keypoint affine and that of the affine closest to the true field
   (the ``--affine-weight`` term of ``deepwarp train``), plus ``--point-weight`` times the mean
   squared distance of each moving point from where that affine takes its fixed point,
@@ -155,7 +156,13 @@ def main(argv: list[str] | None = None) -> None:
         help="give the fixed side an affine jitter too (SynthSettings.fixed_affine), so that "
         "the fixed brains are not all in the template's pose",
     )
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam's learning rate (default 1e-3); with --resume, the saved one unless given, "
+        "so that a later leg can anneal it",
+    )
     parser.add_argument("--point-weight", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=10**9)
     parser.add_argument(
@@ -179,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     model, parent_card = build(args.init, overrides)
     device = torch.device(args.device)
     model.to(device)
-    optimiser = torch.optim.Adam(model.keypoints.parameters(), lr=args.lr)
+    optimiser = torch.optim.Adam(
+        model.keypoints.parameters(), lr=1e-3 if args.lr is None else args.lr
+    )
     state_path = args.output.with_suffix(".state.pt")
     log_path = args.output.with_suffix(".log.jsonl")
     step, elapsed = 0, 0.0
@@ -188,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         model.keypoints.load_state_dict(state["detector"])
         optimiser.load_state_dict(state["optimiser"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
+        if args.lr is not None:  # the saved state holds the earlier leg's rate
+            for group in optimiser.param_groups:
+                group["lr"] = args.lr
         if log_path.exists():  # lines past the saved step were logged by a run that was stopped
             lines = log_path.read_text().splitlines(keepends=True)
             log_path.write_text("".join(ln for ln in lines if json.loads(ln)["step"] <= step))

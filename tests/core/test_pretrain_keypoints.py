@@ -121,3 +121,29 @@ def test_a_trained_pooled_head_is_refused(script, parent_and_anatomy, tmp_path):
     args = ["--init", str(tmp_path / "headed.pt"), "--anatomy", str(anatomy)]
     with pytest.raises(SystemExit, match="pooled affine head is trained"):
         script.main([*args, "-o", str(tmp_path / "x.pt"), "--steps", "1"])
+
+
+def test_a_resumed_leg_keeps_the_saved_rate_unless_given(script, parent_and_anatomy, tmp_path):
+    """--resume keeps the saved learning rate; --lr on a resumed leg replaces it (annealing)."""
+    parent_path, anatomy = parent_and_anatomy
+    out = tmp_path / "kp.pt"
+    common = [
+        "--init", str(parent_path), "--anatomy", str(anatomy), "-o", str(out), "--shape", "12",
+        "--config", "keypoints=6", "keypoint_channels=[4]", "keypoint_dilations=[1]",
+        "--save-every", "1", "--log-every", "1",
+    ]  # fmt: skip
+    state_path = out.with_suffix(".state.pt")
+
+    def rate():
+        return torch.load(state_path, weights_only=True)["optimiser"]["param_groups"][0]["lr"]
+
+    script.main([*common, "--steps", "2", "--lr", "1e-2"])
+    script.main([*common, "--steps", "3", "--resume"])
+    assert rate() == 1e-2
+    before = torch.load(state_path, weights_only=True)["detector"]
+    script.main([*common, "--steps", "4", "--resume", "--lr", "0"])
+    assert rate() == 0.0
+    after = torch.load(state_path, weights_only=True)
+    assert after["step"] == 4
+    for key, value in before.items():  # a zero rate moves nothing
+        assert torch.equal(after["detector"][key], value), key
