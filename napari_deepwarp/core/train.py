@@ -443,6 +443,8 @@ def _train(settings: TrainSettings, dist: _Distributed):
         state = torch.load(state_path(output), map_location=dist.device, weights_only=True)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
+        for group in optimiser.param_groups:  # the state holds the last run's rate, not this one's
+            group["lr"] = settings.learning_rate
         torch.set_rng_state(state["rng"].cpu())
         start, elapsed = int(state["step"]), float(state["elapsed"])
         val_dice, val_before = state.get("val_dice"), state.get("val_dice_before")
@@ -551,6 +553,7 @@ def _leg(settings, dist, first_step: int, last_step: int, seconds: float) -> dic
         "command": settings.command,
         "hardware": hardware(dist.device) + world,
         "precision": precision_name(resolve_precision(settings.precision, dist.device)),
+        "learning_rate": settings.learning_rate,
         "steps": [first_step + 1, last_step],
         "duration_s": round(seconds, 1),
     }

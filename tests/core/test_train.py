@@ -69,6 +69,19 @@ def test_a_resumed_card_lists_every_run(tmp_path, one_thread):
     assert training["duration_s"] >= sum(leg["duration_s"] for leg in legs) - 0.2
 
 
+def test_a_resumed_run_trains_at_its_own_learning_rate(tmp_path, one_thread):
+    """Adam's saved state carries the last run's rate; a resumed run uses its own, as its
+    command and card say, so that a later leg can anneal it."""
+    run_generator(train(settings(tmp_path, steps=2)))
+    before, _ = load_checkpoint(tmp_path / "vm.pt")
+    run_generator(train(settings(tmp_path, steps=3, resume=True, learning_rate=1e-12)))
+    after, card = load_checkpoint(tmp_path / "vm.pt")
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-9, msg=name)  # at 1e-3 it moves ~1e-3
+    assert card["training"]["learning_rate"] == 1e-12
+    assert [leg["learning_rate"] for leg in card["training"]["legs"]] == [1e-3, 1e-12]
+
+
 def test_checkpoint_card_records_how_it_was_made(tmp_path, one_thread):
     run_generator(train(settings(tmp_path, steps=2)))
     card = read_card(tmp_path / "vm.pt")
