@@ -674,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         target = output_folder(args)
         if target is not None:
             folder = target[0]
-            created = check_output_folder(*target)
+            # the ranks of one torchrun share register-batch's folder: none may remove it
+            shared = args.command == "register-batch" and os.environ.get("WORLD_SIZE", "1") != "1"
+            created = check_output_folder(*target, shared=shared)
         with warnings.catch_warnings():
             warnings.simplefilter("always", InputNote)
             warnings.showwarning = show_notes(warnings.showwarning)

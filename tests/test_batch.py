@@ -136,6 +136,28 @@ def test_two_ranks_shard_the_rows_and_rank_0_merges(pairs_csv, tmp_path):
     assert not list(out.glob("summary-rank*.csv"))
 
 
+def test_ranks_share_the_output_folder_and_none_removes_it(pairs_csv, tmp_path, monkeypatch):
+    """Rank 0 once removed the folder its check had created while rank 1 was writing into it
+    (rank 1 then failed and rank 0 waited for its summary). Under torchrun the check is shared."""
+    from napari_deepwarp.core import io
+
+    seen = []
+
+    def check(folder, option="-o", shared=False):
+        seen.append(shared)
+        raise io.InputError("stop here")
+
+    monkeypatch.setattr(io, "check_output_folder", check)
+    args = ["register-batch", str(pairs_csv), "-o", str(tmp_path / "out"), "--model", "affine"]
+    for world in ("2", "1"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setenv("RANK", "0")
+        assert main(args) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(args) == 2
+    assert seen == [True, False, False]
+
+
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     """Under torchrun on a node with GPUs, rank r runs on GPU LOCAL_RANK (mod the GPU count);
     one process, a CPU run or no CUDA binds nothing."""

@@ -275,11 +275,16 @@ def _fmt(v) -> str:
 
 
 # --- output folders and atomic writes ---------------------------------------------------------
-def check_output_folder(folder: str | os.PathLike, option: str = "-o") -> list[Path]:
+def check_output_folder(
+    folder: str | os.PathLike, option: str = "-o", shared: bool = False
+) -> list[Path]:
     """Refuse an output folder that is a file, cannot be created, or cannot be written, before
     any work: the folder (and missing parents) is created, a test file written and removed, and
     the folders created here removed again. Returns the folders that did not exist (so that a
-    caller can remove them, if left empty, after a failed run). ``option`` names the flag."""
+    caller can remove them, if left empty, after a failed run). ``option`` names the flag.
+    ``shared``: other processes write into the folder at the same time (the ranks of one
+    torchrun), so it is created and left, and nothing is returned to remove: a rank that removed
+    a folder it had created could pull it from under another."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(
@@ -301,8 +306,9 @@ def check_output_folder(folder: str | os.PathLike, option: str = "-o") -> list[P
             f"{exc.strerror or exc}; give a folder you can write to"
         ) from None
     finally:
-        remove_empty_folders(missing)
-    return missing
+        if not shared:
+            remove_empty_folders(missing)
+    return [] if shared else missing
 
 
 def remove_empty_folders(folders: list[Path]) -> None:

@@ -285,3 +285,11 @@ def test_the_output_folder_check_leaves_no_folder_behind(tmp_path):
         io.check_output_folder(tmp_path / "f")
     with pytest.raises(io.InputError, match="cannot create or write"):
         io.check_output_folder(tmp_path / "f" / "sub")
+
+
+def test_a_shared_output_folder_is_created_and_left(tmp_path):
+    """Ranks of one torchrun check the same folder at once: none removes it from another."""
+    target = tmp_path / "a" / "b"
+    assert io.check_output_folder(target, shared=True) == []
+    assert target.is_dir() and not list(target.iterdir())
+    assert io.check_output_folder(target, shared=True) == []  # the next rank finds it
