@@ -84,6 +84,11 @@ class SynthSettings:
     # with ``anatomy``: the probability that a batch's anatomy is the file's (else random blobs),
     # so that a network for many kinds of scan sees both
     anatomy_share: float = 1.0
+    # with ``anatomy``: up to this many times larger in voxels. Per batch a whole zoom ``z`` from
+    # 1 to this is drawn, the anatomy framed on a grid ``z`` times ``shape`` and a random crop of
+    # ``shape`` taken, so that a network trained on small cubes also sees anatomy as large as at
+    # its finer inference grid (trained at 32, run at 96: a brain three times as wide)
+    anatomy_zoom: int = 1
     # False: the fixed side gets no affine jitter (its smooth displacement only), so its anatomy
     # fills the grid as the pipeline frames a fixed image on its foreground box, and the moving
     # side carries the whole misalignment: pairs as a network's own affine branch meets them
@@ -139,20 +144,38 @@ def random_orientation(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor
 def file_anatomy(s: SynthSettings, batch: int, g: torch.Generator, device) -> torch.Tensor:
     """``(B, 1, D, H, W)`` labels: ``s.anatomy``'s on the grid in a random axis-aligned
     orientation each (:func:`random_orientation`; upright along the world's axes with
-    ``s.world_axes``), each label (not 0) cut into up to ``s.anatomy_parts`` parts by one random
-    label map (:func:`random_label_map`)."""
+    ``s.world_axes``), with ``s.anatomy_zoom`` > 1 magnified and cropped at random
+    (:func:`random_crop`), each label (not 0) cut into up to ``s.anatomy_parts`` parts by one
+    random label map (:func:`random_label_map`)."""
     axes = "world" if s.world_axes else "image"
-    grid = torch.from_numpy(_anatomy_on_grid(s.anatomy, tuple(s.shape), axes))[None, None]
+    zoom = 1
+    if s.anatomy_zoom > 1:  # drawn only when asked for, so other settings keep their stream
+        zoom = int(torch.randint(1, s.anatomy_zoom + 1, (1,), generator=g, device=device))
+    framed = tuple(n * zoom for n in s.shape)
+    grid = torch.from_numpy(_anatomy_on_grid(s.anatomy, framed, axes))[None, None]
     cpu = torch.Generator().manual_seed(
         int(torch.randint(0, 2**62, (1,), generator=g, device=device))
     )
     if s.world_axes:
-        labels = grid.expand(batch, -1, -1, -1, -1).clone().to(device)
+        labels = grid.expand(batch, -1, -1, -1, -1).clone()
     else:
-        labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)]).to(device)
+        labels = torch.cat([random_orientation(grid, cpu) for _ in range(batch)])
+    if zoom > 1:
+        labels = torch.cat([random_crop(item[None], s.shape, cpu) for item in labels])
+    labels = labels.to(device)
     if s.anatomy_parts <= 1:
         return labels
     return cut_into_parts(labels, s, g)
+
+
+def random_crop(volume: torch.Tensor, shape, g: torch.Generator) -> torch.Tensor:
+    """A crop of ``shape`` at a uniformly random place inside ``volume`` ``(1, C, D, H, W)``."""
+    starts = [
+        int(torch.randint(0, big - n + 1, (1,), generator=g))
+        for big, n in zip(volume.shape[2:], shape, strict=True)
+    ]
+    (z, y, x), (d, h, w) = starts, shape
+    return volume[:, :, z : z + d, y : y + h, x : x + w]
 
 
 def cut_into_parts(labels: torch.Tensor, s: SynthSettings, g: torch.Generator) -> torch.Tensor:

@@ -381,3 +381,35 @@ def test_parts_per_side_cuts_each_side_its_own_way_and_returns_the_tissues(tmp_p
     one_per_side = replace(one, parts_per_side=True)
     for key, value in synthetic_pair(one, seed=5).items():
         assert torch.equal(value, synthetic_pair(one_per_side, seed=5)[key]), key
+
+
+def test_anatomy_zoom_crops_the_anatomy_framed_up_to_that_many_times_larger(tmp_path):
+    """``anatomy_zoom=3``: each batch's anatomy is a crop of the file's anatomy framed on a grid
+    one, two or three times ``shape`` (all three drawn over some seeds), so its structures are
+    larger in voxels on average; the default (1) leaves the anatomy as before."""
+    from napari_deepwarp.core.synth import _anatomy_on_grid, file_anatomy
+
+    path = tmp_path / "anatomy.nii.gz"
+    _write_anatomy(path)
+    shape = (12, 12, 12)
+    s = SynthSettings(shape=shape, anatomy=str(path), world_axes=True)
+    zoomed = replace(s, anatomy_zoom=3)
+    framed = {
+        z: torch.from_numpy(_anatomy_on_grid(str(path), tuple(n * z for n in shape), "world"))
+        for z in (1, 2, 3)
+    }
+    crops = {z: f.unfold(0, 12, 1).unfold(1, 12, 1).unfold(2, 12, 1) for z, f in framed.items()}
+    zooms, ball = [], {1: [], 3: []}
+    for seed in range(12):
+        plain = file_anatomy(s, 2, torch.Generator().manual_seed(seed), "cpu")
+        assert torch.equal(plain[0, 0], framed[1]) and torch.equal(plain[1, 0], framed[1])
+        labels = file_anatomy(zoomed, 2, torch.Generator().manual_seed(seed), "cpu")
+        assert labels.shape == (2, 1, *shape)
+        found = [z for z in (1, 2, 3) if (crops[z] == labels[0, 0]).flatten(3).all(3).any()]
+        assert found, "not a crop of the anatomy at any zoom"
+        zooms.append(found[-1])
+        if found[-1] in ball:
+            ball[found[-1]].append(float((labels == 2).float().mean()))
+    assert set(zooms) == {1, 2, 3}
+    # the ball fills a larger share of a 3x crop when the crop holds it at all
+    assert max(ball[3]) > max(ball[1])
