@@ -66,6 +66,10 @@ class SynthSettings:
     still: float = 0.0
     # probability that an image's labels share a few intensities (see ``_intensities``)
     merge: float = 0.0
+    # with ``background`` > 0: probability that an image shows one tissue (a label, or with
+    # ``anatomy_parts`` all parts of one of the file's labels) as dark as the background, as T1
+    # shows CSF or ultrasound shows fluid, or a remapping paints an unlabelled tissue like air
+    dark: float = 0.0
     # probability that a batch of pairs shares one contrast although ``same_contrast`` is False,
     # so that a network for two modalities also sees pairs of one, where it may move boldly
     same: float = 0.0
@@ -235,8 +239,13 @@ def random_deformation(
     return spatial.compose(smooth, affine)
 
 
-def _intensities(n: int, s: SynthSettings, g: torch.Generator, device) -> torch.Tensor:
-    """Random intensity per label; label 0 is the dark background when ``s.background`` > 0.
+def _intensities(
+    n: int, s: SynthSettings, g: torch.Generator, device, parts: int = 1
+) -> torch.Tensor:
+    """Random intensity per label; label 0 is the dark background when ``s.background`` > 0,
+    and with probability ``s.dark`` so is one tissue: labels ``1 + t * parts`` to
+    ``(t + 1) * parts`` for a random ``t`` (``parts``: labels per tissue, as
+    :func:`cut_into_parts` numbers them).
 
     With probability ``s.merge`` the labels are first dealt at random into ``k`` classes (``k``
     from 2 to half the labels) that share one intensity each, as a modality shows several
@@ -250,6 +259,10 @@ def _intensities(n: int, s: SynthSettings, g: torch.Generator, device) -> torch.
         values = values[torch.randint(0, k, (n,), generator=g, device=device)]
     if s.background > 0:
         values[0] = 0.0
+        if s.dark > 0 and n > 2 and float(torch.rand(1, generator=g, device=device)) < s.dark:
+            tissues = -(-(n - 1) // parts)  # the last may have parts absent here
+            t = int(torch.randint(0, tissues, (1,), generator=g, device=device))
+            values[1 + t * parts : 1 + (t + 1) * parts] = 0.0
     return values
 
 
@@ -258,16 +271,21 @@ def labels_to_image(
     s: SynthSettings,
     g: torch.Generator,
     intensities: list[torch.Tensor] | None = None,
+    parts: int = 1,
 ) -> torch.Tensor:
     """A random-contrast image ``(B, 1, D, H, W)`` in [0, 1] for each label map of the batch.
 
-    ``intensities``: per batch item, the intensity of each label (drawn here if None).
+    ``intensities``: per batch item, the intensity of each label (drawn here if None);
+    ``parts``: labels per tissue (see :func:`_intensities`).
     """
     device = labels.device
     images = []
     for i, lab in enumerate(labels):
         n = int(lab.max()) + 1
-        intensity = _intensities(n, s, g, device) if intensities is None else intensities[i]
+        if intensities is None:
+            intensity = _intensities(n, s, g, device, parts)
+        else:
+            intensity = intensities[i]
         image = intensity[lab][None]  # (1, 1, D, H, W)
         bias = _smooth_noise(1, 1, 4, s.shape, g, device) * s.bias
         image = image * torch.exp(bias)
@@ -324,16 +342,17 @@ def synthetic_pair(
         deformations[0] = torch.where(still, deformations[1], deformations[0])
     labels = [spatial.warp(anatomy, d, mode="nearest").long() for d in deformations]
     shown = [cut_into_parts(lab, s, g) for lab in labels] if per_side else labels
+    parts = s.anatomy_parts if from_file else 1
     shared = None
     same = s.same_contrast
     if not same and s.same > 0:  # drawn only when asked for, as ``still`` is
         same = float(torch.rand(1, generator=g, device=device)) < s.same
     if same:
         n = int(anatomy.max()) * (s.anatomy_parts if per_side else 1) + 1
-        shared = [_intensities(n, s, g, device) for _ in range(batch)]
+        shared = [_intensities(n, s, g, device, parts) for _ in range(batch)]
     pair = {
-        "moving": labels_to_image(shown[0], s, g, shared),
-        "fixed": labels_to_image(shown[1], s, g, shared),
+        "moving": labels_to_image(shown[0], s, g, shared, parts),
+        "fixed": labels_to_image(shown[1], s, g, shared, parts),
         "moving_labels": labels[0],
         "fixed_labels": labels[1],
     }

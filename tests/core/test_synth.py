@@ -413,3 +413,31 @@ def test_anatomy_zoom_crops_the_anatomy_framed_up_to_that_many_times_larger(tmp_
     assert set(zooms) == {1, 2, 3}
     # the ball fills a larger share of a 3x crop when the crop holds it at all
     assert max(ball[3]) > max(ball[1])
+
+
+def test_dark_paints_one_whole_tissue_as_the_background(tmp_path):
+    """``dark=1``: every image shows one tissue -- with ``anatomy_parts``, all parts of one of
+    the file's labels -- at the background's intensity, the others not; the default shows
+    none so."""
+    path = tmp_path / "anatomy.nii.gz"
+    _write_anatomy(path)
+    plain = {"bias": 0.0, "blur": (0.0, 0.0), "noise": (0.0, 0.0), "gamma": 0.0, "background": 1.0}
+    s = SynthSettings(
+        shape=(24, 24, 24), anatomy=str(path), anatomy_parts=4, parts_per_side=True, **plain
+    )
+    blobs = SynthSettings(shape=(24, 24, 24), labels=(6, 6), **plain)
+
+    def dark_tissues(pair, side):
+        labels, image = pair[f"{side}_labels"], pair[side]
+        return [t for t in labels.unique().tolist() if t and not image[labels == t].any()]
+
+    darkened = set()
+    for seed in range(8):
+        for side in ("moving", "fixed"):
+            dark = dark_tissues(synthetic_pair(replace(s, dark=1.0), seed=seed), side)
+            assert len(dark) == 1  # all four parts of one tissue, the other tissue shown
+            darkened.update(dark)
+            assert dark_tissues(synthetic_pair(s, seed=seed), side) == []
+            assert len(dark_tissues(synthetic_pair(replace(blobs, dark=1.0), seed=seed), side)) == 1
+            assert dark_tissues(synthetic_pair(blobs, seed=seed), side) == []
+    assert darkened == {1, 2}
