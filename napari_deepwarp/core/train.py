@@ -241,6 +241,7 @@ def _source(settings: TrainSettings, model: RegistrationModel):
         field = settings.field_weight > 0 or settings.affine_weight > 0
         synth = synth_settings(settings)
         _check_axes(synth, model)
+        _check_takes_effect(synth)
         return SynthSource(synth, settings.seed, field)
     for name in ("field_weight", "affine_weight"):
         if getattr(settings, name) > 0:
@@ -250,6 +251,24 @@ def _source(settings: TrainSettings, model: RegistrationModel):
             )
     shape, cache = tuple(settings.shape), _cache(settings)
     return VolumeSource(settings.data, shape, cache, settings.seed, axes=model.working_axes)
+
+
+def _check_takes_effect(synth: SynthSettings) -> None:
+    """An error for a ``--synth`` setting that the others leave without effect."""
+    if synth.dark > 0 and synth.background == 0:
+        raise InputError(
+            "--synth dark paints a tissue as dark as the background, but there is none: "
+            "give --synth background=0.9 (say) too, or drop dark"
+        )
+    if synth.anatomy_zoom > 1 and not synth.anatomy:
+        raise InputError(
+            "--synth anatomy_zoom magnifies --synth anatomy=FILE: give one, or drop it"
+        )
+    if synth.anatomy_zoom > 1 and not synth.fixed_affine:
+        raise InputError(
+            "--synth anatomy_zoom crops the anatomy, but fixed_affine=false asks for a fixed side "
+            "framed as register frames it; drop one of the two"
+        )
 
 
 def _check_axes(synth: SynthSettings, model: RegistrationModel) -> None:

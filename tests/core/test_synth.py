@@ -398,7 +398,8 @@ def test_anatomy_zoom_crops_the_anatomy_framed_up_to_that_many_times_larger(tmp_
         z: torch.from_numpy(_anatomy_on_grid(str(path), tuple(n * z for n in shape), "world"))
         for z in (1, 2, 3)
     }
-    crops = {z: f.unfold(0, 12, 1).unfold(1, 12, 1).unfold(2, 12, 1) for z, f in framed.items()}
+    n = shape[0]
+    crops = {z: f.unfold(0, n, 1).unfold(1, n, 1).unfold(2, n, 1) for z, f in framed.items()}
     zooms, ball = [], {1: [], 3: []}
     for seed in range(12):
         plain = file_anatomy(s, 2, torch.Generator().manual_seed(seed), "cpu")

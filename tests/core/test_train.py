@@ -517,3 +517,20 @@ def test_affine_supervision_teaches_lindefs_linear_branch(tmp_path, one_thread):
     assert read_card(tmp_path / "l.pt")["loss"]["affine"]["weight"] == 1.0
     with pytest.raises(InputError, match="needs a model with a linear part"):
         run_generator(train(settings(tmp_path, steps=1, affine_weight=1.0)))
+
+
+def test_synth_settings_that_would_do_nothing_are_refused(tmp_path, one_thread):
+    """``dark`` without a background, ``anatomy_zoom`` without an anatomy or with a fixed side
+    framed as ``register`` frames it: each refused with the fix, before any step is trained."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8, 8), np.uint8)), str(tmp_path / "t.nii"))
+    anatomy = str(tmp_path / "t.nii")
+    for synth, message in [
+        ({"dark": 0.25}, "give --synth background=0.9"),
+        ({"anatomy_zoom": 3}, "anatomy_zoom magnifies --synth anatomy=FILE"),
+        ({"anatomy": anatomy, "anatomy_zoom": 3, "fixed_affine": False}, "drop one of the two"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            run_generator(train(settings(tmp_path, "x.pt", steps=1, synth=synth)))
+    assert not (tmp_path / "x.pt").exists()
