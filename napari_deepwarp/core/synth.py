@@ -73,6 +73,13 @@ class SynthSettings:
     # probability that a batch of pairs shares one contrast although ``same_contrast`` is False,
     # so that a network for two modalities also sees pairs of one, where it may move boldly
     same: float = 0.0
+    # probability that a moving image is cut to a smaller field of view: 0 beyond a plane near
+    # one face, or two, at most ``fov_depth`` of the axis deep, as a scan of another field of
+    # view leaves 0 where the affine stage finds no data (the spine T1 on the T2's grid). The
+    # label maps stay whole, so the network learns to carry the field across such straight,
+    # artificial edges rather than pull the tissue next to them
+    fov: float = 0.0
+    fov_depth: float = 0.25
     # a label-map file (NIfTI, NRRD, MHA) to use as the anatomy instead of random blobs, e.g.
     # tissue classes of a brain template: pairs shaped like real anatomy (see ``file_anatomy``);
     # "" draws blobs
@@ -300,6 +307,27 @@ def labels_to_image(
     return torch.cat(images)
 
 
+def cut_field_of_view(images: torch.Tensor, s: SynthSettings, g: torch.Generator) -> torch.Tensor:
+    """``images (B, 1, D, H, W)`` with, per item and with probability ``s.fov``, one or two
+    slabs at random faces set to 0, each ``1`` to ``s.fov_depth`` of its axis deep (a copy)."""
+    out = images.clone()
+    device = images.device
+    for item in range(images.shape[0]):
+        if float(torch.rand(1, generator=g, device=device)) >= s.fov:
+            continue
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g, device=device))):
+            axis = int(torch.randint(0, 3, (1,), generator=g, device=device))
+            n = images.shape[2 + axis]
+            depth = int(
+                torch.randint(1, max(2, int(s.fov_depth * n) + 1), (1,), generator=g, device=device)
+            )
+            cut = [slice(None)] * 3
+            low = float(torch.rand(1, generator=g, device=device)) < 0.5
+            cut[axis] = slice(0, depth) if low else slice(n - depth, n)
+            out[(item, slice(None), *cut)] = 0.0
+    return out
+
+
 def synthetic_pair(
     s: SynthSettings | None = None,
     batch: int = 1,
@@ -315,8 +343,9 @@ def synthetic_pair(
     without its affine part unless ``s.fixed_affine``; with ``s.parts_per_side``, each side's
     image cut into parts of its own, the label maps the uncut tissue classes);
     each image has its own random contrast (or, with ``s.same_contrast`` or with probability
-    ``s.same`` for the whole batch, both share the per-label intensities). Deterministic for a
-    given ``seed``.
+    ``s.same`` for the whole batch, both share the per-label intensities); with probability
+    ``s.fov``, the moving image cut to a smaller field of view (:func:`cut_field_of_view`).
+    Deterministic for a given ``seed``.
     """
     s = s or SynthSettings()
     g = torch.Generator(device=device)
@@ -356,6 +385,8 @@ def synthetic_pair(
         "moving_labels": labels[0],
         "fixed_labels": labels[1],
     }
+    if s.fov > 0:  # drawn last and only when asked for, so that the rest of the pair is the same
+        pair["moving"] = cut_field_of_view(pair["moving"], s, g)
     if field:
         pair["field"] = true_field(deformations[1], deformations[0])
         if still is not None:  # exactly zero, not a numerical inverse composed with its map

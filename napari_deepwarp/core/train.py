@@ -269,6 +269,11 @@ def _check_takes_effect(synth: SynthSettings) -> None:
             "--synth anatomy_zoom crops the anatomy, but fixed_affine=false asks for a fixed side "
             "framed as register frames it; drop one of the two"
         )
+    if synth.fov > 0 and not 0 < synth.fov_depth <= 0.5:
+        raise InputError(
+            f"--synth fov_depth={synth.fov_depth} cuts no slab or more than half an axis: "
+            "give a fraction of the axis between 0 and 0.5 (default 0.25)"
+        )
 
 
 def _check_axes(synth: SynthSettings, model: RegistrationModel) -> None:

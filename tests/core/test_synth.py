@@ -442,3 +442,39 @@ def test_dark_paints_one_whole_tissue_as_the_background(tmp_path):
             assert len(dark_tissues(synthetic_pair(replace(blobs, dark=1.0), seed=seed), side)) == 1
             assert dark_tissues(synthetic_pair(blobs, seed=seed), side) == []
     assert darkened == {1, 2}
+
+
+def test_fov_cuts_the_moving_image_at_its_faces_and_leaves_the_rest_of_the_pair():
+    """``fov=1``: every moving image is 0 in one or two slabs at faces of the grid, at most
+    ``fov_depth`` of the axis deep, and equal to the uncut image elsewhere; the fixed image and
+    both label maps are those of the same seed without the setting."""
+    s = replace(SMALL, noise=(0.0, 0.0), background=0.0)
+    for seed in range(6):
+        plain = synthetic_pair(s, batch=2, seed=seed)
+        cut = synthetic_pair(replace(s, fov=1.0, fov_depth=0.3), batch=2, seed=seed)
+        for key in ("fixed", "moving_labels", "fixed_labels"):
+            assert torch.equal(cut[key], plain[key])
+        changed = cut["moving"] != plain["moving"]
+        assert changed.any() and (cut["moving"][changed] == 0).all()
+        for item in range(2):
+            zero = (cut["moving"][item, 0] == 0) & (plain["moving"][item, 0] > 0)
+            # every changed voxel lies in a slab touching a face, no deeper than 30 % of its axis
+            faces = torch.zeros_like(zero)
+            for axis, n in enumerate(zero.shape):
+                depth = int(0.3 * n)
+                for part in (slice(0, depth), slice(n - depth, n)):
+                    index = [slice(None)] * 3
+                    index[axis] = part
+                    faces[tuple(index)] = True
+            assert zero.any() and not (zero & ~faces).any()
+    # the default cuts nothing: no face of the moving image is 0 all over
+    moving = synthetic_pair(s, seed=0)["moving"][0, 0]
+    for face in (
+        moving[0],
+        moving[-1],
+        moving[:, 0],
+        moving[:, -1],
+        moving[..., 0],
+        moving[..., -1],
+    ):
+        assert face.any()

@@ -521,7 +521,8 @@ def test_affine_supervision_teaches_lindefs_linear_branch(tmp_path, one_thread):
 
 def test_synth_settings_that_would_do_nothing_are_refused(tmp_path, one_thread):
     """``dark`` without a background, ``anatomy_zoom`` without an anatomy or with a fixed side
-    framed as ``register`` frames it: each refused with the fix, before any step is trained."""
+    framed as ``register`` frames it, ``fov`` with a slab of no or more than half an axis: each
+    refused with the fix, before any step is trained."""
     import SimpleITK as sitk
 
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 8, 8), np.uint8)), str(tmp_path / "t.nii"))
@@ -530,6 +531,8 @@ def test_synth_settings_that_would_do_nothing_are_refused(tmp_path, one_thread):
         ({"dark": 0.25}, "give --synth background=0.9"),
         ({"anatomy_zoom": 3}, "anatomy_zoom magnifies --synth anatomy=FILE"),
         ({"anatomy": anatomy, "anatomy_zoom": 3, "fixed_affine": False}, "drop one of the two"),
+        ({"fov": 0.5, "fov_depth": 0.0}, "between 0 and 0.5"),
+        ({"fov": 0.5, "fov_depth": 0.8}, "between 0 and 0.5"),
     ]:
         with pytest.raises(InputError, match=message):
             run_generator(train(settings(tmp_path, "x.pt", steps=1, synth=synth)))
