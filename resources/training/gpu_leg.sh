@@ -59,11 +59,12 @@ case "$leg" in
       --synth anatomy_parts=4) ;;
   mi_unet_mm)  # two modalities: independent label-wise contrasts (30 % shared), MI + soft Dice;
     # on blobs, since brain-shaped pairs of two contrasts made it bold on T1/T2 brains; a
-    # quarter of the images with one tissue as dark as the background (fifteenth session)
+    # quarter of the images with one tissue as dark as the background (fifteenth session), half
+    # the moving images cut to a smaller field of view (sixteenth)
     args=(--model mi_unet --init resources/checkpoints/mi_unet_synth_bg.pt --contrast independent
       --labels-weight 4 --lr 1e-4 --synth rotation=2 --synth "translation=$(scale 1)"
       --synth scaling=0.02 --synth shear=0.01 --synth "displacement=$(scale 2.25)"
-      --synth still=0.3 --synth merge=0.6 --synth same=0.3 --synth dark=0.25) ;;
+      --synth still=0.3 --synth merge=0.6 --synth same=0.3 --synth dark=0.25 --synth fov=0.5) ;;
   conv2warp)
     args=(--model conv2warp --init resources/checkpoints/conv2warp_brain.pt --contrast same
       --similarity lncc --reg-weight 1 --labels-weight 1 --field-weight 0.1 --lr 1e-4
